@@ -81,6 +81,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     checkpoints_to_keep: int = 2
     precision: str = "float32"
+    # Train in this process without Ray (one worker): debugging, notebooks, benchmarks.
+    in_process: bool = False
     # Steps run inside one compiled call (fewer Python round trips; a speed knob only).
     steps_per_call: int = 4
 
@@ -120,6 +122,8 @@ class TrainConfig:
         _check(not (self.stateful and self.target != "all"), "stateful training needs target=all")
         _check(self.steps_per_call >= 1, f"steps_per_call must be >= 1 (got {self.steps_per_call})")
         _check(self.checkpoints_to_keep >= 1, "checkpoints_to_keep must be >= 1")
+        _check(not (self.in_process and self.num_workers > 1),
+               "--in-process trains one worker; drop it or use --num-workers 1")
         return self
 
 
@@ -161,6 +165,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="Also checkpoint every N optimizer steps (default 0: only at epoch ends).")
     g.add_argument("--precision", choices=PRECISIONS,
                    help="float32 (default), or mixed_float16 / mixed_bfloat16 on GPUs.")
+    g.add_argument("--in-process", action="store_true", default=None,
+                   help="Train in this process without Ray (one worker only); same outputs and resume.")
     return p
 
 

@@ -1,0 +1,70 @@
+"""What a run shows: the per-epoch console line, metrics.jsonl, loss.png and epoch samples.
+
+Object stores cannot append, so metrics.jsonl is rewritten whole (atomically) each epoch from the
+history kept in the checkpoint; a resumed run therefore never duplicates or loses a line.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any
+
+from job import storage
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def epoch_line(m: dict[str, Any]) -> str:
+    return (
+        f"epoch {m['epoch']:>3}/{m['epochs']}  train {m['train_loss']:.4f}  "
+        f"val {m['val_loss']:.4f} nats ({m['val_bpc']:.3f} bits/char)  "
+        f"{m['chars_per_sec']:,.0f} chars/s  elapsed {format_seconds(m['elapsed_sec'])}  "
+        f"eta {format_seconds(m['eta_sec'])}"
+    )
+
+
+def write_metrics(output: str, history: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(m, sort_keys=True) + "\n" for m in history)
+    storage.write_text(storage.join(output, "metrics.jsonl"), text)
+
+
+def write_sample(output: str, epoch: int, prompt: str, text: str) -> None:
+    body = f"{prompt}\n---\n{text}\n"
+    storage.write_text(storage.join(output, "samples", f"epoch-{epoch:03d}.txt"), body)
+
+
+def loss_plot_png(history: list[dict[str, Any]], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in history]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(epochs, [m["train_loss"] for m in history], marker="o", label="train")
+    ax.plot(epochs, [m["val_loss"] for m in history], marker="o", label="held-out")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy (nats/char)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_loss_plot(output: str, history: list[dict[str, Any]], title: str) -> None:
+    storage.write_bytes(storage.join(output, "loss.png"), loss_plot_png(history, title))
+
+
+def bits(nats: float) -> float:
+    return nats / math.log(2)

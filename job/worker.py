@@ -1,0 +1,319 @@
+"""The per-worker training function: the same code runs in-process (one worker) and on every
+Ray Train worker under MultiWorkerMirroredStrategy.
+
+Keras 3 `model.fit` breaks under MultiWorkerMirroredStrategy with >= 2 workers (GUIDE §2 pitfall 1),
+so this is a custom distributed loop: gradients are all-reduced here (then clipped on the *global*
+gradient, which Keras' own per-replica clipping would not do), several steps run per compiled call,
+and every stop decision is all-reduced so no worker is left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from job import corpus as corpus_lib
+from job import data, report, storage
+from job.config import TrainConfig
+from job.session import Session, detect_session
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint so a resumed run continues exactly."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # steps of the current epoch already applied
+    global_step: int = 0
+    elapsed_sec: float = 0.0
+    train_chars: int = 0
+    best_score: float = math.inf
+    best_epoch: int = 0
+    epoch_loss_sum: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def _make_optimizer(cfg: TrainConfig):
+    import keras
+
+    class PreReducedAdam(keras.optimizers.Adam):
+        """Adam that trusts the caller to have all-reduced (and clipped) the gradients already."""
+
+        def _all_reduce_sum_gradients(self, grads_and_vars):
+            return list(grads_and_vars)
+
+    opt = PreReducedAdam(learning_rate=cfg.learning_rate)
+    if cfg.precision == "mixed_float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    return opt
+
+
+def _make_strategy():
+    import tensorflow as tf
+
+    # Ray's TensorflowTrainer sets TF_CONFIG; in-process runs use the default strategy.
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def train_func(config: dict[str, Any]) -> dict[str, Any]:
+    """Entry point for one worker. Returns the final metrics (also written to metrics.jsonl)."""
+    cfg = TrainConfig.from_dict(config)
+    session = detect_session(cfg, in_ray=bool(config.get("_in_ray")))
+    return Trainer(cfg, session).run()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, session: Session):
+        self.cfg = cfg
+        self.session = session
+        self.rank, self.world = session.rank, session.world_size
+        self.global_batch = cfg.batch_size * self.world
+
+    # ---------------------------------------------------------------- set-up
+    def _prepare_data(self) -> None:
+        cfg = self.cfg
+        corpus = corpus_lib.load(cfg.corpus, lowercase=not cfg.keep_case)
+        self.corpus = corpus
+        self.vocab = corpus_lib.Vocab.from_text(corpus.text)
+        ids = self.vocab.encode(corpus.text)
+        self.split = corpus_lib.split_point(len(ids), cfg.val_fraction)
+        self.ids = ids
+        self.train_ids = ids[: self.split]
+        if cfg.target == "all":
+            self.heldout = data.heldout_all_positions(ids, self.split)
+        else:
+            self.heldout = data.heldout_last_position(ids, self.split, cfg.seq_len, cfg.val_max_windows)
+        self.plan_fn = data.stream_plan if cfg.stateful else data.sliding_plan
+        self.plan_fn(len(self.train_ids), cfg.seq_len, self.global_batch, 0, cfg.seed)  # fail early if too short
+        prompt_at = max(0, self.split - cfg.seq_len)
+        self.sample_prompt = ids[prompt_at : prompt_at + cfg.seq_len]
+
+    def _build(self) -> None:
+        import keras
+        import tensorflow as tf
+
+        from job import model as model_lib
+
+        cfg = self.cfg
+        if cfg.precision != "float32":
+            keras.mixed_precision.set_dtype_policy(cfg.precision)
+        with self.strategy.scope():
+            self.model = model_lib.build(cfg, len(self.vocab))
+            self.optimizer = _make_optimizer(cfg)
+            self.optimizer.build(self.model.trainable_variables)
+        self.tf = tf
+        self.model_lib = model_lib
+
+    # ---------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, directory: str) -> None:
+        np.savez(
+            os.path.join(directory, "variables.npz"),
+            **{f"m{i}": np.asarray(v.numpy()) for i, v in enumerate(self.model.variables)},
+            **{f"o{i}": np.asarray(v.numpy()) for i, v in enumerate(self.optimizer.variables)},
+        )
+        with open(os.path.join(directory, "progress.json"), "w") as f:
+            json.dump({"progress": asdict(self.progress), "config": self.cfg.to_dict(),
+                       "vocab": list(self.vocab.chars), "corpus_sha256": self.corpus.sha256}, f)
+
+    def _restore_checkpoint(self, directory: str) -> None:
+        with open(os.path.join(directory, "progress.json")) as f:
+            saved = json.load(f)
+        if tuple(saved["vocab"]) != self.vocab.chars:
+            raise RuntimeError("checkpoint vocabulary differs from this corpus's; use a new --run-name")
+        arrays = np.load(os.path.join(directory, "variables.npz"))
+        for i, v in enumerate(self.model.variables):
+            v.assign(arrays[f"m{i}"])
+        for i, v in enumerate(self.optimizer.variables):
+            v.assign(arrays[f"o{i}"])
+        self.progress = Progress(**saved["progress"])
+
+    # ---------------------------------------------------------------- compiled steps
+    def _compile_steps(self) -> None:
+        tf, cfg, model, opt = self.tf, self.cfg, self.model, self.optimizer
+        strategy, model_lib = self.strategy, self.model_lib
+        vocab_size, global_batch = len(self.vocab), self.global_batch
+        fp16 = cfg.precision == "mixed_float16"
+
+        def replica_step(batch, states, over):
+            x, y = batch
+            with tf.GradientTape() as tape:
+                if cfg.stateful:
+                    outputs, new_states = model_lib.run_stateful(model, x, states, training=True)
+                else:
+                    outputs, new_states = model_lib.forward(cfg, model, x, vocab_size, True), states
+                per_example = model_lib.per_example_loss(cfg, outputs, y)
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+                scaled = opt.scale_loss(loss) if fp16 else loss
+            grads = tape.gradient(scaled, model.trainable_variables)
+            grads = [tf.convert_to_tensor(g) for g in grads]
+            ctx = tf.distribute.get_replica_context()
+            grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            if cfg.clip_norm > 0 and not fp16:
+                grads, _ = tf.clip_by_global_norm(grads, cfg.clip_norm)
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+            stop = ctx.all_reduce(tf.distribute.ReduceOp.SUM, over)  # > 0: some worker is over budget
+            return loss, [tf.stop_gradient(s) for s in new_states], stop
+
+        def steps(iterator, states, over, count: int):
+            total = tf.constant(0.0)
+            stop = tf.constant(0.0)
+            for _ in range(count):
+                loss, states, stop = strategy.run(replica_step, args=(next(iterator), states, over))
+                total += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+            return total, states, strategy.reduce(tf.distribute.ReduceOp.SUM, stop, axis=None)
+
+        self._steps = tf.function(steps, reduce_retracing=True)
+
+        from job.evaluate import HeldOutScorer
+
+        self._score = HeldOutScorer(cfg, model, vocab_size)
+
+    def _zero_states(self):
+        if not self.cfg.stateful:
+            return []
+        return self.model_lib.zero_states(self.model, self.cfg.batch_size)
+
+    # ---------------------------------------------------------------- metrics
+    def heldout_loss(self) -> float:
+        return self._score(self.heldout)
+
+    def _sample_text(self) -> str:
+        from job.sample import Sampler
+
+        sampler = Sampler(self.model, self.cfg.input_mode, len(self.vocab), self.cfg.seq_len)
+        out = sampler.generate(self.sample_prompt[None, :], self.cfg.sample_chars, temperature=0.8,
+                               seed=(self.cfg.seed, self.progress.epoch))
+        return self.vocab.decode(out[0])
+
+    # ---------------------------------------------------------------- main loop
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.strategy = _make_strategy()  # must exist before any other TensorFlow op
+        self._prepare_data()
+        self._build()
+        self.progress = Progress()
+        resumed = self.session.latest_checkpoint()
+        if resumed:
+            with resumed as directory:
+                self._restore_checkpoint(directory)
+            self.session.log(f"resumed from checkpoint: epoch {self.progress.epoch}, "
+                             f"step {self.progress.step_in_epoch} of the next epoch, "
+                             f"global step {self.progress.global_step}")
+        self._compile_steps()
+        p = self.progress
+        self.session.log(
+            f"training {cfg.preset}: {len(self.train_ids):,} train chars, {self.heldout.chars:,} held-out chars, "
+            f"vocab {len(self.vocab)}, {self.world} worker(s), global batch {self.global_batch} "
+            f"({cfg.batch_size} per worker), {self.model.count_params():,} parameters"
+        )
+        budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+        start_clock = time.monotonic() - p.elapsed_sec
+        chars_per_step = self.global_batch * (cfg.seq_len if cfg.target == "all" else 1)
+        while p.epoch < cfg.epochs and not p.stopped_early:
+            plan = self.plan_fn(len(self.train_ids), cfg.seq_len, self.global_batch, p.epoch, cfg.seed)
+            steps_total = len(plan)
+            mine = data.shard(plan, self.rank, self.world)[p.step_in_epoch:]
+            dataset = data.make_dataset(self.train_ids, mine, cfg.seq_len, cfg.target == "all")
+            iterator = iter(self.strategy.distribute_datasets_from_function(lambda _ctx, ds=dataset: ds))
+            states = self._zero_states()
+            epoch_start = time.monotonic()
+            chars_this_epoch = 0
+            while p.step_in_epoch < steps_total:
+                count = min(cfg.steps_per_call, steps_total - p.step_in_epoch)
+                if cfg.checkpoint_every_steps:
+                    count = min(count, cfg.checkpoint_every_steps - p.global_step % cfg.checkpoint_every_steps)
+                over = 1.0 if time.monotonic() - start_clock >= budget else 0.0
+                if over and self.world == 1:
+                    p.stopped_early = True
+                    break
+                if over:
+                    count = 1  # one more step so that every worker learns of the stop together
+                loss_sum, states, stop = self._steps(iterator, states, self.tf.constant(over), count)
+                p.step_in_epoch += count
+                p.global_step += count
+                p.epoch_loss_sum += float(loss_sum)
+                p.train_chars += count * chars_per_step
+                chars_this_epoch += count * chars_per_step
+                p.elapsed_sec = time.monotonic() - start_clock
+                if float(stop) > 0:
+                    p.stopped_early = True
+                    break
+                if cfg.checkpoint_every_steps and p.global_step % cfg.checkpoint_every_steps == 0 \
+                        and p.step_in_epoch < steps_total:
+                    last_val = p.history[-1]["val_loss"] if p.history else math.inf
+                    self._report({"epoch": p.epoch, "global_step": p.global_step, "val_loss": last_val,
+                                  "train_loss": p.epoch_loss_sum / p.step_in_epoch, "kind": "step"})
+            if p.step_in_epoch == 0:
+                break  # budget ran out exactly at an epoch boundary
+            self._end_epoch(p.epoch_loss_sum / p.step_in_epoch, chars_this_epoch,
+                            time.monotonic() - epoch_start, steps_total)
+        final = dict(p.history[-1]) if p.history else {}
+        final.update(best_epoch=p.best_epoch, best_score=p.best_score, select_by=cfg.select_by,
+                     stopped_early=p.stopped_early, global_batch=self.global_batch, workers=self.world)
+        return final
+
+    def _end_epoch(self, train_loss: float, chars: int, seconds: float, steps_total: int) -> None:
+        cfg, p = self.cfg, self.progress
+        val = self.heldout_loss()
+        p.epoch += 1
+        partial = p.step_in_epoch < steps_total
+        rate = chars / max(seconds, 1e-9)
+        remaining_epochs = cfg.epochs - p.epoch
+        eta = remaining_epochs * (p.elapsed_sec / max(p.epoch, 1))
+        if cfg.max_minutes:
+            eta = min(eta, max(0.0, cfg.max_minutes * 60 - p.elapsed_sec))
+        metrics = {
+            "epoch": p.epoch, "epochs": cfg.epochs, "global_step": p.global_step,
+            "train_loss": train_loss, "val_loss": val, "val_bpc": report.bits(val),
+            "chars_per_sec": rate, "elapsed_sec": p.elapsed_sec, "eta_sec": 0.0 if p.stopped_early else eta,
+            "train_chars": p.train_chars, "partial_epoch": partial, "kind": "epoch",
+        }
+        p.history.append(metrics)
+        score = train_loss if cfg.select_by == "train_loss" else val
+        improved = score < p.best_score
+        if improved:
+            p.best_score, p.best_epoch = score, p.epoch
+        p.step_in_epoch, p.epoch_loss_sum = 0, 0.0
+        if self.rank == 0:
+            self.session.log(report.epoch_line(metrics))
+            self._write_outputs(improved)
+        self._report(metrics)
+
+    def _write_outputs(self, improved: bool) -> None:
+        from job import export
+
+        cfg, p, out = self.cfg, self.progress, self.cfg.output
+        report.write_metrics(out, p.history)
+        report.write_loss_plot(out, p.history, f"charlstm {cfg.preset}")
+        report.write_sample(out, p.epoch, self.vocab.decode(self.sample_prompt), self._sample_text())
+        if improved:
+            export.save(self.model, self.vocab, self.export_config(), storage.join(self.cfg.output, "model"))
+
+    def export_config(self) -> dict[str, Any]:
+        cfg, p = self.cfg, self.progress
+        last = p.history[-1]
+        keys = ("preset", "input_mode", "embed_dim", "units", "dropout", "target", "stateful", "seq_len",
+                "batch_size", "learning_rate", "clip_norm", "val_fraction", "keep_case", "seed", "precision")
+        return {
+            **{k: getattr(cfg, k) for k in keys},
+            "corpus": cfg.corpus, "corpus_sha256": self.corpus.sha256, "epoch": p.epoch,
+            "global_step": p.global_step, "val_loss": last["val_loss"], "val_bpc": last["val_bpc"],
+            "train_loss": last["train_loss"], "workers": self.world, "global_batch": self.global_batch,
+            "lowercase": not cfg.keep_case,
+        }
+
+    def _report(self, metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix="charlstm-ckpt-") as tmp:
+            if self.rank == 0:
+                self._save_checkpoint(tmp)
+            self.session.report(metrics, tmp if self.rank == 0 else None)
