@@ -219,6 +219,7 @@ class Trainer:
         budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         start_clock = time.monotonic() - p.elapsed_sec
         chars_per_step = self.global_batch * (cfg.seq_len if cfg.target == "all" else 1)
+        over = 0.0  # becomes 1.0 once this worker's clock passes the budget
         while p.epoch < cfg.epochs and not p.stopped_early:
             plan = self.plan_fn(len(self.train_ids), cfg.seq_len, self.global_batch, p.epoch, cfg.seed)
             steps_total = len(plan)
@@ -232,10 +233,6 @@ class Trainer:
                 count = min(cfg.steps_per_call, steps_total - p.step_in_epoch)
                 if cfg.checkpoint_every_steps:
                     count = min(count, cfg.checkpoint_every_steps - p.global_step % cfg.checkpoint_every_steps)
-                over = 1.0 if time.monotonic() - start_clock >= budget else 0.0
-                if over and self.world == 1:
-                    p.stopped_early = True
-                    break
                 if over:
                     count = 1  # one more step so that every worker learns of the stop together
                 loss_sum, states, stop = self._steps(iterator, states, self.tf.constant(over), count)
@@ -248,6 +245,11 @@ class Trainer:
                 if float(stop) > 0:
                     p.stopped_early = True
                     break
+                if p.elapsed_sec >= budget:
+                    if self.world == 1:
+                        p.stopped_early = True
+                        break
+                    over = 1.0  # all-reduced in the next step: every worker stops after the same step
                 if cfg.checkpoint_every_steps and p.global_step % cfg.checkpoint_every_steps == 0 \
                         and p.step_in_epoch < steps_total:
                     last_val = p.history[-1]["val_loss"] if p.history else math.inf

@@ -1,0 +1,97 @@
+"""Each preset trains in-process on a tiny corpus; export -> load -> evaluate; exact resume; sampler."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from job import corpus, export
+from job.config import PRESETS, TrainConfig
+from job.evaluate import evaluate
+from job.worker import train_func
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+TINY = {"units": [24, 24], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20, "steps_per_call": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text((SHARED / "wonderland.txt").read_text()[:4000])
+    return str(path)
+
+
+def make_cfg(preset: str, corpus: str, output: Path, **over) -> TrainConfig:
+    settings = {**PRESETS[preset], "preset": preset, "corpus": corpus, "output": str(output), **TINY,
+                "epochs": 2, "in_process": True, **over}
+    if preset != "default":
+        settings["units"] = settings["units"][:1] if preset == "seed-small" else [16, 16]
+        settings["batch_size"] = 32
+    return TrainConfig(**settings).validate()
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_preset_trains_exports_and_evaluates(preset, tiny_corpus, tmp_path):
+    cfg = make_cfg(preset, tiny_corpus, tmp_path / "out")
+    final = train_func(cfg.to_dict())
+    out = tmp_path / "out"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    for m in lines:
+        assert m["val_loss"] > 0 and m["chars_per_sec"] > 0 and abs(m["val_bpc"] - m["val_loss"] / np.log(2)) < 1e-9
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "samples" / "epoch-002.txt").exists()
+    loaded = export.load(str(out))
+    assert loaded.config["preset"] == preset and loaded.config["corpus_sha256"]
+    best = lines[loaded.config["epoch"] - 1]
+    result = evaluate(loaded.model, TrainConfig.from_dict(loaded.config), loaded.vocab,
+                      corpus.load(tiny_corpus).text, cfg.val_fraction)
+    assert result["loss_nats"] == pytest.approx(best["val_loss"], rel=1e-5)
+    assert final["epoch"] == 2 and final["workers"] == 1
+
+
+def test_default_export_maps_ids_to_logits(tiny_corpus, tmp_path):
+    cfg = make_cfg("default", tiny_corpus, tmp_path / "out", epochs=1)
+    train_func(cfg.to_dict())
+    import keras
+
+    import job  # noqa: F401
+
+    model = keras.saving.load_model(str(tmp_path / "out" / "model" / "model.keras"), compile=False)
+    vocab = export.load(str(tmp_path / "out")).vocab
+    ids = np.zeros((3, 17), dtype=np.int32)
+    logits = np.asarray(model(ids))
+    assert logits.shape == (3, 17, len(vocab))
+    assert not np.allclose(logits.sum(-1), 1.0)  # logits, not probabilities
+
+
+def _latest_variables(out: Path) -> dict:
+    ckpts = sorted((out / "checkpoints" / "local").glob("checkpoint_*"))
+    arrays = np.load(ckpts[-1] / "variables.npz")
+    return {k: arrays[k] for k in arrays.files}
+
+
+def test_resume_ends_as_if_uninterrupted(tiny_corpus, tmp_path):
+    straight = make_cfg("default", tiny_corpus, tmp_path / "a", epochs=3)
+    train_func(straight.to_dict())
+    first = make_cfg("default", tiny_corpus, tmp_path / "b", epochs=1)
+    train_func(first.to_dict())
+    resumed = train_func(make_cfg("default", tiny_corpus, tmp_path / "b", epochs=3).to_dict())
+    assert resumed["epoch"] == 3
+    a, b = _latest_variables(tmp_path / "a"), _latest_variables(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    lines_a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    lines_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines_b) == 3
+    for la, lb in zip(lines_a, lines_b, strict=True):
+        assert json.loads(la)["val_loss"] == pytest.approx(json.loads(lb)["val_loss"], rel=1e-5)
+
+
+def test_time_budget_stops_cleanly_and_keeps_the_model(tiny_corpus, tmp_path):
+    cfg = make_cfg("default", tiny_corpus, tmp_path / "out", epochs=50, max_minutes=1e-6)
+    final = train_func(cfg.to_dict())
+    assert final["stopped_early"] and final["epoch"] == 1 and final["partial_epoch"]
+    assert export.load(str(tmp_path / "out")).config["epoch"] == 1
