@@ -117,7 +117,7 @@ class TrainConfig:
         _check(self.learning_rate > 0, f"learning_rate must be > 0 (got {self.learning_rate})")
         _check(bool(self.units) and all(int(u) >= 1 for u in self.units),
                f"units must be a non-empty list of positive sizes (got {self.units})")
-        _check(self.input_mode in ("scaled", "embedding"), f"input_mode must be scaled|embedding")
+        _check(self.input_mode in ("scaled", "embedding"), "input_mode must be scaled|embedding")
         _check(self.target in ("last", "all"), "target must be last|all")
         _check(not (self.stateful and self.target != "all"), "stateful training needs target=all")
         _check(self.steps_per_call >= 1, f"steps_per_call must be >= 1 (got {self.steps_per_call})")

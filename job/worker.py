@@ -59,6 +59,8 @@ def _make_optimizer(cfg: TrainConfig):
 def _make_strategy():
     import tensorflow as tf
 
+    tf.get_logger().setLevel("ERROR")  # MWMS logs every collective at INFO
+
     # Ray's TensorflowTrainer sets TF_CONFIG; in-process runs use the default strategy.
     if os.environ.get("TF_CONFIG"):
         return tf.distribute.MultiWorkerMirroredStrategy()
@@ -160,8 +162,10 @@ class Trainer:
             grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
             if cfg.clip_norm > 0 and not fp16:
                 grads, _ = tf.clip_by_global_norm(grads, cfg.clip_norm)
-            opt.apply_gradients(zip(grads, model.trainable_variables))
-            stop = ctx.all_reduce(tf.distribute.ReduceOp.SUM, over)  # > 0: some worker is over budget
+            opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+            # tf.identity places the flag on this replica; an argument passed straight through has no
+            # device and MultiWorkerMirroredStrategy refuses to reduce it ("destinations can not be empty").
+            stop = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(over))  # > 0: a worker is over budget
             return loss, [tf.stop_gradient(s) for s in new_states], stop
 
         def steps(iterator, states, over, count: int):
@@ -242,6 +246,7 @@ class Trainer:
                 p.train_chars += count * chars_per_step
                 chars_this_epoch += count * chars_per_step
                 p.elapsed_sec = time.monotonic() - start_clock
+                self._maybe_crash_for_test()
                 if float(stop) > 0:
                     p.stopped_early = True
                     break
@@ -259,10 +264,32 @@ class Trainer:
                 break  # budget ran out exactly at an epoch boundary
             self._end_epoch(p.epoch_loss_sum / p.step_in_epoch, chars_this_epoch,
                             time.monotonic() - epoch_start, steps_total)
+        self._dump_weights_for_test()
         final = dict(p.history[-1]) if p.history else {}
         final.update(best_epoch=p.best_epoch, best_score=p.best_score, select_by=cfg.select_by,
                      stopped_early=p.stopped_early, global_batch=self.global_batch, workers=self.world)
         return final
+
+    def _maybe_crash_for_test(self) -> None:
+        """Test-only fault injection: the last worker dies hard once, at a given global step."""
+        at, marker = os.environ.get("CHARLSTM_TEST_CRASH_AT_STEP"), os.environ.get("CHARLSTM_TEST_CRASH_MARKER")
+        if not (at and marker) or self.rank != self.world - 1 or self.progress.global_step < int(at):
+            return
+        if os.path.exists(marker):
+            return
+        with open(marker, "w") as f:
+            f.write(f"crashed at global step {self.progress.global_step}\n")
+        print(f"test fault injection: worker {self.rank} exits at global step {self.progress.global_step}",
+              flush=True)
+        os._exit(17)
+
+    def _dump_weights_for_test(self) -> None:
+        """Test-only: every worker saves its final weights, to prove they are identical."""
+        directory = os.environ.get("CHARLSTM_TEST_DUMP_WEIGHTS")
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+            np.savez(os.path.join(directory, f"rank-{self.rank}.npz"),
+                     *[np.asarray(v.numpy()) for v in self.model.trainable_variables])
 
     def _end_epoch(self, train_loss: float, chars: int, seconds: float, steps_total: int) -> None:
         cfg, p = self.cfg, self.progress

@@ -1,0 +1,50 @@
+# charlstm — every command a user or CI runs. `make demo` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# Tests and the demo read this corpus when given (offline machines); otherwise the demo downloads Alice.
+CORPUS ?=
+export CORPUS
+
+.PHONY: help venv test test-fast lint demo bench bench-train clean
+
+help:
+	@echo "make demo   - local S3 + Ray head, train and sample through 'ray job submit', show results"
+	@echo "make test   - the whole test suite (unit + end-to-end against a live Ray head and local S3)"
+	@echo "make lint   - ruff + hadolint"
+	@echo "make bench  - benchmarks side by side with the tutorial's method (long; CORPUS=... required)"
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11" >&2; exit 2; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+venv: $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e" tests
+
+lint: venv
+	$(BIN)/ruff check job infra tests bench
+	$(BIN)/hadolint Dockerfile
+
+demo: venv
+	bash infra/demo.sh
+
+bench: venv
+	$(BIN)/python -m bench.run
+
+bench-train: venv
+	$(BIN)/python -m bench.run --only train
+
+clean:
+	-$(BIN)/python -m infra.localstack stop 2>/dev/null
+	rm -rf runs out .stack

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# `make demo`: a local S3 server and Ray head on 127.0.0.1, Alice uploaded, a short 2-worker training
+# job and an evaluation sent with `ray job submit`, the results listed from the bucket, the stack stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+RAY=.venv/bin/ray
+BUCKET=charlstm-local
+STATE=.stack/demo
+
+corpus="${CORPUS:-}"
+if [ -z "$corpus" ]; then
+  corpus=.stack/pg11.txt
+  if [ ! -s "$corpus" ]; then
+    echo "== downloading Alice in Wonderland from Project Gutenberg (set CORPUS=path to skip)"
+    mkdir -p .stack
+    $PY -c "import urllib.request, sys; from job.config import DEFAULT_CORPUS_URL as u; urllib.request.urlretrieve(u, sys.argv[1])" "$corpus" \
+      || { echo "error: cannot download the corpus; run make demo CORPUS=/path/to/wonderland.txt" >&2; exit 2; }
+  fi
+fi
+[ -s "$corpus" ] || { echo "error: CORPUS=$corpus does not exist or is empty" >&2; exit 2; }
+
+echo "== starting the local stack (moto S3 + Ray head on 127.0.0.1)"
+$PY -m infra.localstack start --state-dir "$STATE" --bucket "$BUCKET" --upload "$corpus" corpora/wonderland.txt
+trap '$PY -m infra.localstack stop --state-dir "$STATE"' EXIT
+eval "$($PY -m infra.localstack env --state-dir "$STATE")"
+
+echo "== training: ray job submit (2 workers, default preset, a few minutes at most)"
+$RAY job submit --working-dir . -- python -m job.train \
+  --corpus "s3://$BUCKET/corpora/wonderland.txt" --output "s3://$BUCKET/runs/demo" \
+  --num-workers 2 --epochs 4 --max-minutes 4 --run-name demo
+
+echo "== held-out evaluation: ray job submit"
+$RAY job submit --working-dir . -- python -m job.evaluate \
+  --model "s3://$BUCKET/runs/demo" --corpus "s3://$BUCKET/corpora/wonderland.txt"
+
+echo "== what landed in the bucket"
+$PY - "$BUCKET" <<'PY'
+import sys
+from job import storage
+root = f"s3://{sys.argv[1]}/runs/demo"
+for url in storage.listdir(root):
+    print("  ", url)
+samples = [u for u in storage.listdir(root + "/samples")]
+print("\n== sample text from the last epoch (", samples[-1], ")\n")
+print(storage.read_text(samples[-1]))
+PY

@@ -1,0 +1,575 @@
+"""The KubeRay manifests in k8s/: rendered offline with `kubectl kustomize`, validated against the RayJob CRD
+schema (unknown fields rejected: the API server would silently prune them, GUIDE §2 pitfall 10) and the core
+Kubernetes schemas, and checked for the settings a batch job on GPUs must have.
+
+No cluster is needed (or reachable): kubectl only renders. CI installs it with `apt-get install -y kubectl`.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import importlib.util
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+# CI clones the repository next to a copy of shared/.
+CRD_FILE = REPO.parent / "shared" / "schemas" / "kuberay" / "ray.io_rayjobs.yaml"
+# Oldest Kubernetes the manifests must be valid for (kubernetes-validate's bundled schemas).
+K8S_VERSION = "1.32"
+NAMESPACE = "charlstm"
+RAW_RAYJOBS = {"train": K8S / "rayjob-train.yaml", "generate": K8S / "rayjob-generate.yaml"}
+ENTRY_MODULES = {"train": "job.train", "generate": "job.generate"}
+# KubeRay: RayJob names are DNS-1035 labels of at most 47 characters (utils.MaxRayJobNameLength).
+MAX_RAYJOB_NAME = 47
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def kubectl() -> str:
+    path = shutil.which("kubectl")
+    if not path:
+        pytest.fail("kubectl is not installed: `apt-get install -y kubectl` (it renders k8s/ offline with "
+                    "`kubectl kustomize`; no cluster is used)")
+    return path
+
+
+def render(directory: Path) -> list[dict]:
+    proc = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, f"kubectl kustomize {directory} failed:\n{proc.stderr}"
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def by_kind(objs: list[dict], kind: str) -> list[dict]:
+    return [o for o in objs if o.get("kind") == kind]
+
+
+def rayjob(objs: list[dict], which: str) -> dict:
+    name = f"charlstm-{which}"
+    found = [o for o in by_kind(objs, "RayJob") if o["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one RayJob {name}, found {len(found)}"
+    return found[0]
+
+
+def pod_templates(job: dict) -> dict[str, dict]:
+    """Every pod template a RayJob makes KubeRay create: head, each worker group, the submitter."""
+    cluster = job["spec"]["rayClusterSpec"]
+    out = {"head": cluster["headGroupSpec"]["template"]}
+    for group in cluster.get("workerGroupSpecs", []):
+        out[f"worker:{group['groupName']}"] = group["template"]
+    if "submitterPodTemplate" in job["spec"]:
+        out["submitter"] = job["spec"]["submitterPodTemplate"]
+    return out
+
+
+def containers(template: dict) -> list[dict]:
+    spec = template["spec"]
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def strict(schema):
+    """Copy of an OpenAPI schema where every object with declared properties rejects undeclared ones."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (strict(v) if k in ("items", "additionalProperties", "anyOf", "allOf", "oneOf", "not") else v)
+           for k, v in schema.items()}
+    if "properties" in schema:
+        out["properties"] = {k: strict(v) for k, v in schema["properties"].items()}
+        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    return out
+
+
+def schema_errors(validator: jsonschema.Validator, obj: dict) -> list[str]:
+    return sorted(f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+                  for e in validator.iter_errors(obj))
+
+
+_QUANTITY = re.compile(r"^([0-9.]+)([a-zA-Z]*)$")
+_SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(value) -> float:
+    m = _QUANTITY.match(str(value))
+    assert m and m.group(2) in _SUFFIX, f"unparseable quantity {value!r}"
+    return float(m.group(1)) * _SUFFIX[m.group(2)]
+
+
+def kustomization() -> dict:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def settings() -> dict[str, str]:
+    gens = [g for g in kustomization()["configMapGenerator"] if g["name"] == "charlstm-settings"]
+    assert len(gens) == 1
+    return dict(lit.split("=", 1) for lit in gens[0]["literals"])
+
+
+def copy_k8s(tmp_path: Path) -> Path:
+    dest = tmp_path / "k8s"
+    shutil.copytree(K8S, dest)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict]:
+    return render(K8S)
+
+
+@pytest.fixture(scope="module")
+def rendered_minio(tmp_path_factory) -> list[dict]:
+    """The MinIO variant, switched on exactly as the README says: uncomment `components` in kustomization."""
+    k8s = copy_k8s(tmp_path_factory.mktemp("minio"))
+    text = (k8s / "kustomization.yaml").read_text()
+    switched = text.replace("# components:\n#   - minio", "components:\n  - minio")
+    assert switched != text, "kustomization.yaml no longer has the commented `# components: - minio` switch"
+    (k8s / "kustomization.yaml").write_text(switched)
+    return render(k8s)
+
+
+@pytest.fixture(scope="module")
+def crd_validator() -> jsonschema.Validator:
+    if not CRD_FILE.is_file():
+        pytest.fail(f"RayJob CRD schema not found at {CRD_FILE} (shared/ must sit next to the repository)")
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    versions = {v["name"]: v for v in crd["spec"]["versions"]}
+    schema = strict(versions["v1"]["schema"]["openAPIV3Schema"])
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def all_rayjobs(rendered, rendered_minio):
+    raw = {f"raw:{k}": yaml.safe_load(p.read_text()) for k, p in RAW_RAYJOBS.items()}
+    built = {f"rendered:{k}": rayjob(rendered, k) for k in RAW_RAYJOBS}
+    minio = {f"minio:{k}": rayjob(rendered_minio, k) for k in RAW_RAYJOBS}
+    return {**raw, **built, **minio}
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+
+def test_kustomize_renders_the_expected_objects(rendered):
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in rendered)
+    assert kinds == [("Namespace", NAMESPACE), ("RayJob", "charlstm-generate"), ("RayJob", "charlstm-train"),
+                     ("ServiceAccount", "charlstm")]
+    for obj in rendered:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == NAMESPACE, obj["metadata"]["name"]
+        assert obj["metadata"]["labels"]["app.kubernetes.io/name"] == "charlstm"
+
+
+def test_settings_configmap_is_not_deployed(rendered):
+    # It only feeds the replacements (config.kubernetes.io/local-config).
+    assert not by_kind(rendered, "ConfigMap")
+
+
+# --------------------------------------------------------------------------------------------- schemas
+
+
+def test_every_rayjob_matches_the_crd_schema_without_unknown_fields(crd_validator, rendered, rendered_minio):
+    jobs = all_rayjobs(rendered, rendered_minio)
+    assert len(jobs) == 6
+    for name, job in jobs.items():
+        assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob", name
+        errors = schema_errors(crd_validator, job)
+        assert not errors, f"{name} does not match the RayJob CRD:\n" + "\n".join(errors)
+
+
+def _set(obj: dict, path: str, value) -> dict:
+    obj = copy.deepcopy(obj)
+    *parents, last = path.split(".")
+    node = obj
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[last] = value
+    return obj
+
+
+BAD_RAYJOB_EDITS = {
+    "misspelt top-level field": ("spec.shutdownAfterJobFinish", True),
+    "misspelt submitter field": ("spec.submitterConfig.backofLimit", 1),
+    "misspelt worker-group field": ("spec.rayClusterSpec.workerGroupSpecs.0.replica", 2),
+    "misspelt container field": ("spec.rayClusterSpec.headGroupSpec.template.spec.containers.0.resource", {}),
+    "misspelt pod field": ("spec.rayClusterSpec.workerGroupSpecs.0.template.spec.toleration", []),
+    "string where an integer belongs": ("spec.ttlSecondsAfterFinished", "600"),
+    "integer where a boolean belongs": ("spec.shutdownAfterJobFinishes", 1),
+    "string where a map belongs": ("spec.rayClusterSpec.headGroupSpec.rayStartParams", "num-cpus=0"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(BAD_RAYJOB_EDITS))
+def test_crd_validation_rejects_a_broken_rayjob(crd_validator, edit):
+    """Proves the validator above can fail: each single mistake must be reported."""
+    good = yaml.safe_load(RAW_RAYJOBS["train"].read_text())
+    assert not schema_errors(crd_validator, good)
+    path, value = BAD_RAYJOB_EDITS[edit]
+    assert schema_errors(crd_validator, _set(good, path, value)), f"{edit} was not rejected"
+
+
+def test_core_objects_validate_strictly(rendered, rendered_minio):
+    core = [o for o in rendered + rendered_minio if o["apiVersion"] == "v1"]
+    assert {o["kind"] for o in core} == {"Namespace", "ServiceAccount", "Secret"}
+    for obj in core:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def _as_pod_template(template: dict, name: str) -> dict:
+    return {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template}
+
+
+def test_every_pod_template_validates_strictly(rendered, rendered_minio):
+    checked = 0
+    for name, job in all_rayjobs(rendered, rendered_minio).items():
+        for role, template in pod_templates(job).items():
+            try:
+                kubernetes_validate.validate(_as_pod_template(template, "t"), K8S_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{name} {role} pod template: {exc.message} at {'.'.join(map(str, exc.path))}")
+            checked += 1
+    assert checked == 6 * 3  # head + one worker group + submitter, in 6 RayJobs
+
+
+@pytest.mark.parametrize("path,value", [
+    ("spec.containers.0.imagePullPolcy", "Always"),
+    ("spec.containers.0.resources.limits", "lots"),
+    ("spec.securityContext.runAsUser", "ray"),
+])
+def test_pod_template_validation_rejects_mistakes(path, value):
+    template = rayjob([yaml.safe_load(RAW_RAYJOBS["train"].read_text())], "train")
+    head = pod_templates(template)["head"]
+    kubernetes_validate.validate(_as_pod_template(head, "t"), K8S_VERSION, strict=True)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(_as_pod_template(_set(head, path, value), "t"), K8S_VERSION, strict=True)
+
+
+# --------------------------------------------------------------------------------------------- job settings
+
+
+@pytest.mark.parametrize("which", sorted(RAW_RAYJOBS))
+def test_lifecycle_settings(rendered, which):
+    spec = rayjob(rendered, which)["spec"]
+    # Without these a finished cluster keeps its GPUs forever (kuberay#1023) ...
+    assert spec.get("shutdownAfterJobFinishes") is True
+    ttl = spec.get("ttlSecondsAfterFinished")
+    assert isinstance(ttl, int) and 0 < ttl <= 3600
+    # ... a hung job runs forever, and a failing submitter retries without limit (kuberay#2376).
+    assert isinstance(spec.get("activeDeadlineSeconds"), int) and spec["activeDeadlineSeconds"] > 0
+    assert isinstance(spec.get("backoffLimit"), int) and 0 <= spec["backoffLimit"] <= 3
+    assert isinstance(spec.get("submitterConfig", {}).get("backoffLimit"), int)
+    assert 0 <= spec["submitterConfig"]["backoffLimit"] <= 3
+    assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode"
+
+
+def test_train_deadline_leaves_room_for_max_minutes(rendered):
+    spec = rayjob(rendered, "train")["spec"]
+    args = shlex.split(spec["entrypoint"])
+    max_minutes = float(args[args.index("--max-minutes") + 1])
+    assert spec["activeDeadlineSeconds"] >= max_minutes * 60 + 600
+
+
+def test_generation_waits_for_training(rendered):
+    # Both jobs are applied together; generation must not start before a model exists.
+    assert rayjob(rendered, "generate")["spec"].get("suspend") is True
+    assert not rayjob(rendered, "train")["spec"].get("suspend", False)
+
+
+@pytest.mark.parametrize("which", sorted(RAW_RAYJOBS))
+def test_kuberay_semantic_rules(rendered, which):
+    """Rules the KubeRay operator enforces at reconcile time (utils/validation.go), not in the schema."""
+    job = rayjob(rendered, which)
+    name = job["metadata"]["name"]
+    assert len(name) <= MAX_RAYJOB_NAME and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name)
+    spec = job["spec"]
+    if spec.get("suspend"):
+        assert spec["shutdownAfterJobFinishes"], "a suspended RayJob needs shutdownAfterJobFinishes"
+    cluster = spec["rayClusterSpec"]
+    assert cluster.get("enableInTreeAutoscaling") is not True
+    for group in cluster["workerGroupSpecs"]:
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert group.get("template", {}).get("spec", {}).get("containers"), "each group needs a container"
+        assert "labels" not in group.get("rayStartParams", {})
+        assert all(isinstance(v, str) for v in group.get("rayStartParams", {}).values())
+    assert not ("submitterPodTemplate" in spec and spec.get("submissionMode") == "SidecarMode")
+    yaml.safe_load(spec["runtimeEnvYAML"])
+
+
+@pytest.mark.parametrize("which", sorted(RAW_RAYJOBS))
+def test_ray_version_matches_the_project(rendered, which):
+    cluster = rayjob(rendered, which)["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == importlib.metadata.version("ray")
+
+
+@pytest.mark.parametrize("which", sorted(RAW_RAYJOBS))
+def test_job_api_requires_a_token(rendered, which):
+    # Anyone who can reach the dashboard could otherwise run code with the job's S3 role.
+    cluster = rayjob(rendered, which)["spec"]["rayClusterSpec"]
+    assert cluster.get("authOptions", {}).get("mode") == "token"
+    major, minor, *_ = (int(x) for x in cluster["rayVersion"].split("."))
+    assert (major, minor) >= (2, 52), "KubeRay token auth needs Ray >= 2.52"
+
+
+@pytest.mark.parametrize("which", sorted(RAW_RAYJOBS))
+def test_gpu_worker_group(rendered, which):
+    job = rayjob(rendered, which)
+    cluster = job["spec"]["rayClusterSpec"]
+    args = shlex.split(job["spec"]["entrypoint"])
+    assert "--use-gpu" in args
+    num_workers = int(args[args.index("--num-workers") + 1])
+    gpus = 0
+    for group in cluster["workerGroupSpecs"]:
+        spec = group["template"]["spec"]
+        ray_container = spec["containers"][0]
+        res = ray_container["resources"]
+        # KubeRay gives Ray as many GPUs as the limits say; requests must equal limits for extended resources.
+        assert int(res["limits"]["nvidia.com/gpu"]) >= 1
+        assert res["requests"].get("nvidia.com/gpu") == res["limits"]["nvidia.com/gpu"]
+        assert any(t.get("key") == "nvidia.com/gpu" and t.get("effect") == "NoSchedule"
+                   and t.get("operator") in ("Exists", "Equal") for t in spec.get("tolerations", []))
+        assert spec.get("nodeSelector"), "GPU workers need a nodeSelector for the GPU node pool"
+        gpus += int(res["limits"]["nvidia.com/gpu"]) * group["replicas"]
+    # One GPU per Ray Train / generation worker.
+    assert gpus >= num_workers
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    for c in head["containers"]:
+        assert "nvidia.com/gpu" not in c["resources"].get("limits", {}), "the head needs no GPU"
+
+
+def test_every_container_has_requests_and_limits(rendered, rendered_minio):
+    for name, job in all_rayjobs(rendered, rendered_minio).items():
+        for role, template in pod_templates(job).items():
+            for c in containers(template):
+                where = f"{name} {role} {c['name']}"
+                res = c.get("resources", {})
+                for key in ("cpu", "memory"):
+                    assert key in res.get("requests", {}), f"{where}: no {key} request"
+                    assert key in res.get("limits", {}), f"{where}: no {key} limit"
+                    assert quantity(res["requests"][key]) <= quantity(res["limits"][key]), where
+
+
+def test_pods_run_as_non_root_and_locked_down(rendered, rendered_minio):
+    for name, job in all_rayjobs(rendered, rendered_minio).items():
+        for role, template in pod_templates(job).items():
+            pod = template["spec"]
+            pod_sc = pod.get("securityContext", {})
+            mounts_of = {}
+            for c in containers(template):
+                where = f"{name} {role} {c['name']}"
+                sc = {**pod_sc, **c.get("securityContext", {})}
+                assert sc.get("runAsNonRoot") is True, where
+                assert sc.get("runAsUser") == 1000, where  # the image's `ray` user
+                assert c["securityContext"].get("allowPrivilegeEscalation") is False, where
+                assert c["securityContext"].get("capabilities", {}).get("drop") == ["ALL"], where
+                assert c["securityContext"].get("privileged") is not True, where
+                assert c["securityContext"].get("readOnlyRootFilesystem") is True, where
+                mounts_of[c["name"]] = {m["mountPath"] for m in c.get("volumeMounts", [])}
+                # Ray writes /tmp/ray and ~/.ray; with a read-only root these must be volumes.
+                assert {"/tmp", "/home/ray/.ray"} <= mounts_of[c["name"]], where
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            for c in containers(template):
+                for m in c.get("volumeMounts", []):
+                    assert m["name"] in volumes, f"{name} {role}: mount of undefined volume {m['name']}"
+                    assert "hostPath" not in volumes[m["name"]]
+
+
+@pytest.mark.parametrize("which", sorted(RAW_RAYJOBS))
+def test_ray_nodes_have_shared_memory(rendered, which):
+    for role, template in pod_templates(rayjob(rendered, which)).items():
+        if role == "submitter":
+            continue
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in template["spec"]["containers"][0]["volumeMounts"]}
+        assert "/dev/shm" in mounts, role
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", role
+
+
+def test_ray_pods_use_the_irsa_service_account(rendered):
+    sa = by_kind(rendered, "ServiceAccount")[0]
+    arn = sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert re.fullmatch(r"arn:aws:iam::[A-Z0-9_]+:role/[\w+=,.@/-]+", arn)
+    assert arn == settings()["roleArn"]
+    for which in RAW_RAYJOBS:
+        for role, template in pod_templates(rayjob(rendered, which)).items():
+            if role == "submitter":  # only runs `ray job submit`: no S3, no token
+                assert template["spec"].get("automountServiceAccountToken") is False
+            else:
+                assert template["spec"].get("serviceAccountName") == sa["metadata"]["name"], role
+
+
+@pytest.mark.parametrize("which", sorted(RAW_RAYJOBS))
+def test_runtime_env_sets_region_and_no_credentials(rendered, which):
+    env = yaml.safe_load(rayjob(rendered, which)["spec"]["runtimeEnvYAML"])
+    assert set(env) == {"env_vars"}
+    env_vars = env["env_vars"]
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()), env_vars
+    assert env_vars["AWS_DEFAULT_REGION"] == settings()["region"]
+    forbidden = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"}
+    assert not forbidden & set(env_vars)
+
+
+def test_every_image_is_the_one_set_in_kustomization(rendered):
+    (image,) = kustomization()["images"]
+    expected = f"{image['newName']}:{image['newTag']}"
+    seen = [c["image"] for job in by_kind(rendered, "RayJob")
+            for t in pod_templates(job).values() for c in containers(t)]
+    assert len(seen) == 6 and set(seen) == {expected}
+
+
+def test_settings_in_kustomization_reach_every_manifest(tmp_path):
+    """Edit only kustomization.yaml (as the README says); the bucket, region and role must land everywhere."""
+    k8s = copy_k8s(tmp_path)
+    old = settings()
+    text = (k8s / "kustomization.yaml").read_text()
+    new = {"bucket": "my-other-bucket", "region": "eu-west-3",
+           "roleArn": "arn:aws:iam::123456789012:role/somebody-else"}
+    for key, value in new.items():
+        assert f"{key}={old[key]}" in text
+        text = text.replace(f"{key}={old[key]}", f"{key}={value}")
+    (k8s / "kustomization.yaml").write_text(text)
+    objs = render(k8s)
+    dump = yaml.safe_dump_all(objs)
+    assert old["bucket"] not in dump and "ACCOUNT_ID" not in dump
+    for which in RAW_RAYJOBS:
+        spec = rayjob(objs, which)["spec"]
+        urls = [a for a in shlex.split(spec["entrypoint"]) if "://" in a]
+        assert len(urls) == 2
+        assert all(u.startswith(f"s3://{new['bucket']}/") for u in urls), urls
+        assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["AWS_DEFAULT_REGION"] == new["region"]
+    sa = by_kind(objs, "ServiceAccount")[0]
+    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == new["roleArn"]
+    _assert_only_settings_changed(objs, {old["bucket"]: new["bucket"], old["region"]: new["region"]})
+
+
+def _assert_only_settings_changed(objs: list[dict], changes: dict[str, str]) -> None:
+    """The delimiter-based replacements must change the setting and nothing else around it."""
+    for which, path in RAW_RAYJOBS.items():
+        raw = yaml.safe_load(path.read_text())["spec"]
+        spec = rayjob(objs, which)["spec"]
+        expected_entry, expected_env = raw["entrypoint"], raw["runtimeEnvYAML"]
+        for before, after in changes.items():
+            expected_entry = expected_entry.replace(f"s3://{before}/", f"s3://{after}/")
+            expected_env = expected_env.replace(f"AWS_DEFAULT_REGION: {before}",
+                                                f"AWS_DEFAULT_REGION: {after}")
+        assert shlex.split(spec["entrypoint"]) == shlex.split(expected_entry)
+        assert yaml.safe_load(spec["runtimeEnvYAML"]) == yaml.safe_load(expected_env)
+
+
+def test_rendering_keeps_entrypoints_and_runtime_env_intact(rendered):
+    _assert_only_settings_changed(rendered, {"charlstm-data": settings()["bucket"],
+                                             "us-east-1": settings()["region"]})
+
+
+def test_minio_component_adds_the_secret_to_every_ray_node(rendered_minio):
+    (secret,) = by_kind(rendered_minio, "Secret")
+    assert secret["metadata"]["namespace"] == NAMESPACE
+    data = secret.get("stringData", {})
+    assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+    # Placeholders only, never real-looking keys.
+    assert data["AWS_ACCESS_KEY_ID"] == data["AWS_SECRET_ACCESS_KEY"] == "CHANGE-ME"
+    assert re.fullmatch(r"https?://[\w.-]+(:\d+)?/?", data["AWS_ENDPOINT_URL"])
+    for job in by_kind(rendered_minio, "RayJob"):
+        for role, template in pod_templates(job).items():
+            if role == "submitter":
+                continue
+            refs = [e["secretRef"]["name"] for e in template["spec"]["containers"][0].get("envFrom", [])]
+            assert refs == [secret["metadata"]["name"]], f"{job['metadata']['name']} {role}"
+
+
+# --------------------------------------------------------------------------------------------- entrypoints
+
+
+def _entrypoint_args(rendered, which: str) -> list[str]:
+    argv = shlex.split(rayjob(rendered, which)["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", ENTRY_MODULES[which]], argv[:3]
+    return argv[3:]
+
+
+def test_train_entrypoint_flags_are_accepted_by_the_cli(rendered):
+    from job.config import load_train_config
+    from job.errors import UserError
+
+    args = _entrypoint_args(rendered, "train")
+    try:
+        cfg = load_train_config(args)
+    except SystemExit:
+        pytest.fail(f"python -m job.train rejects the RayJob's flags: {args}")
+    except UserError as exc:
+        pytest.fail(f"python -m job.train rejects the RayJob's settings: {exc}")
+    assert cfg.use_gpu is True
+    assert cfg.corpus.startswith("s3://") and cfg.output.startswith("s3://")
+    workers = rayjob(rendered, "train")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert cfg.num_workers == sum(g["replicas"] for g in workers)
+
+
+@pytest.mark.xfail(not importlib.util.find_spec("job.generate"), reason="generation job not built yet",
+                   strict=True)
+def test_generate_entrypoint_flags_are_accepted_by_the_cli(rendered):
+    args = _entrypoint_args(rendered, "generate")
+    import job.generate
+
+    try:
+        ns = job.generate.build_parser().parse_args(args)
+    except SystemExit:
+        pytest.fail(f"python -m job.generate rejects the RayJob's flags: {args}")
+    assert ns.model.startswith("s3://") and ns.output.startswith("s3://")
+
+
+def test_generation_reads_the_model_training_writes(rendered):
+    train = _entrypoint_args(rendered, "train")
+    gen = _entrypoint_args(rendered, "generate")
+    assert gen[gen.index("--model") + 1] == train[train.index("--output") + 1]
+
+
+# --------------------------------------------------------------------------------------------- secrets
+
+SCANNED = [K8S, REPO / "infra", REPO / "README.md", REPO / "Dockerfile"]
+_CREDENTIAL_PATTERNS = {
+    "AWS access key id": re.compile(r"\b(AKIA|ASIA|AGPA|AIDA|AROA|ANPA)[A-Z0-9]{16}\b"),
+    "AWS secret key": re.compile(r"(?i)(secret[_-]?access[_-]?key|aws_secret)[\"']?\s*[:=]\s*[\"']?"
+                                 r"[A-Za-z0-9/+=]{40}\b"),
+    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    # 40 base64 characters mixing upper case, lower case and digits (a git SHA is lower-case hex).
+    "bare 40-char secret": re.compile(r"(?<![A-Za-z0-9/+=])(?=[A-Za-z0-9/+=]{40}(?![A-Za-z0-9/+=]))"
+                                      r"(?=[A-Za-z0-9/+]*[a-z])(?=[A-Za-z0-9/+]*[A-Z])(?=[A-Za-z0-9/+]*[0-9])"
+                                      r"[A-Za-z0-9/+]{39}[A-Za-z0-9/+=]"),
+    "password value": re.compile(r"(?i)password\s*[:=]\s*[\"']?(?!CHANGE-ME)[^\s\"']{6,}"),
+}
+
+
+def find_credentials(text: str) -> list[str]:
+    return [name for name, pattern in _CREDENTIAL_PATTERNS.items() if pattern.search(text)]
+
+
+def test_credential_scanner_can_fail():
+    fake_id = "AKIA" + "Q" * 16
+    fake_secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCY" + "EXAMPLEKEY"
+    assert "AWS access key id" in find_credentials(f"AWS_ACCESS_KEY_ID: {fake_id}")
+    assert "AWS secret key" in find_credentials(f"AWS_SECRET_ACCESS_KEY: {fake_secret}")
+    assert "bare 40-char secret" in find_credentials(f"key: {fake_secret}")
+    assert not find_credentials("AWS_SECRET_ACCESS_KEY: CHANGE-ME")
+    assert not find_credentials("commit 07c3a67e3f1d2b4a5c6d7e8f9a0b1c2d3e4f5a6b")
+
+
+def test_no_literal_credentials_in_deployment_files():
+    files = [p for root in SCANNED for p in ([root] if root.is_file() else sorted(root.rglob("*")))
+             if p.is_file() and "__pycache__" not in p.parts]
+    assert any(p.suffix == ".yaml" for p in files) and any(p.suffix == ".py" for p in files)
+    found = {str(p.relative_to(REPO)): hits for p in files if (hits := find_credentials(p.read_text()))}
+    assert not found, f"credential-like strings: {found}"
