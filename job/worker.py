@@ -160,8 +160,10 @@ class Trainer:
             grads = [tf.convert_to_tensor(g) for g in grads]
             ctx = tf.distribute.get_replica_context()
             grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-            if cfg.clip_norm > 0 and not fp16:
-                grads, _ = tf.clip_by_global_norm(grads, cfg.clip_norm)
+            if cfg.clip_norm > 0:
+                # With float16 loss scaling the gradients are still scaled here: clip at the scaled norm.
+                limit = cfg.clip_norm * tf.cast(opt.dynamic_scale, tf.float32) if fp16 else cfg.clip_norm
+                grads, _ = tf.clip_by_global_norm(grads, limit)
             opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
             # tf.identity places the flag on this replica; an argument passed straight through has no
             # device and MultiWorkerMirroredStrategy refuses to reduce it ("destinations can not be empty").

@@ -95,3 +95,16 @@ def test_time_budget_stops_cleanly_and_keeps_the_model(tiny_corpus, tmp_path):
     final = train_func(cfg.to_dict())
     assert final["stopped_early"] and final["epoch"] == 1 and final["partial_epoch"]
     assert export.load(str(tmp_path / "out")).config["epoch"] == 1
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_trains_and_exports(precision, tiny_corpus, tmp_path):
+    import keras
+
+    cfg = make_cfg("default", tiny_corpus, tmp_path / "out", epochs=1, precision=precision)
+    try:
+        final = train_func(cfg.to_dict())
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert np.isfinite(final["val_loss"]) and final["val_loss"] < 5
+    assert export.load(str(tmp_path / "out")).config["precision"] == precision
