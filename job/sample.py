@@ -63,20 +63,23 @@ class Sampler:
                  top_p: float = 1.0, seed: tuple[int, int] = (0, 0)) -> np.ndarray:
         """prompts: int32 (batch, P) with P >= 1 (the tutorial presets need P == seq_len)."""
         prompts = np.asarray(prompts, dtype=np.int32)
+        if prompts.ndim != 2 or prompts.shape[1] < 1:
+            raise ValueError(f"prompts must be (batch, length >= 1), got shape {prompts.shape}")
         out = self._fn(
             tf.constant(prompts), tf.constant(int(length)), tf.constant(float(temperature)),
             tf.constant(int(top_k)), tf.constant(float(top_p)), tf.constant(seed, dtype=tf.int64),
+            prompts.shape[1] > 1,
         )
         return out.numpy()
 
-    def _generate_embedding(self, prompts, length, temperature, top_k, top_p, seed):
+    def _generate_embedding(self, prompts, length, temperature, top_k, top_p, seed, prime: bool):
         batch = tf.shape(prompts)[0]
         layers = model_lib.lstm_layers(self.model)
         embed = self.model.get_layer("embed")
         head = self.model.get_layer("logits")
         states = model_lib.zero_states(self.model, batch)
-        # Prime once with all prompt characters but the last; the loop feeds the last.
-        _, states = model_lib.run_stateful(self.model, prompts[:, :-1], states, training=False)
+        if prime:  # once, with all prompt characters but the last; the loop feeds the last
+            _, states = model_lib.run_stateful(self.model, prompts[:, :-1], states, training=False)
         states = [tf.cast(s, tf.float32) for s in states]
 
         def step(ids, states):
@@ -98,7 +101,7 @@ class Sampler:
         )
         return tf.transpose(out.stack())
 
-    def _generate_window(self, prompts, length, temperature, top_k, top_p, seed):
+    def _generate_window(self, prompts, length, temperature, top_k, top_p, seed, prime: bool):
         window = prompts[:, -self.seq_len:]
 
         def body(t, window, out):

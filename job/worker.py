@@ -196,8 +196,9 @@ class Trainer:
     def _sample_text(self) -> str:
         from job.sample import Sampler
 
-        sampler = Sampler(self.model, self.cfg.input_mode, len(self.vocab), self.cfg.seq_len)
-        out = sampler.generate(self.sample_prompt[None, :], self.cfg.sample_chars, temperature=0.8,
+        if not hasattr(self, "_sampler"):  # built once: a new Sampler would retrace every epoch
+            self._sampler = Sampler(self.model, self.cfg.input_mode, len(self.vocab), self.cfg.seq_len)
+        out = self._sampler.generate(self.sample_prompt[None, :], self.cfg.sample_chars, temperature=0.8,
                                seed=(self.cfg.seed, self.progress.epoch))
         return self.vocab.decode(out[0])
 
@@ -218,7 +219,8 @@ class Trainer:
         self._compile_steps()
         p = self.progress
         self.session.log(
-            f"training {cfg.preset}: {len(self.train_ids):,} train chars, {self.heldout.chars:,} held-out chars, "
+            f"training {cfg.preset}: {len(self.train_ids):,} train chars, {len(self.ids) - self.split:,} held-out "
+            f"chars ({self.heldout.chars:,} scored each epoch), "
             f"vocab {len(self.vocab)}, {self.world} worker(s), global batch {self.global_batch} "
             f"({cfg.batch_size} per worker), {self.model.count_params():,} parameters"
         )

@@ -73,3 +73,10 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(preset, units):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     greedy = sampler.generate(prompt, 30, temperature=0.0)
     assert np.array_equal(sampler.generate(prompt, 30, temperature=1.5, top_k=1, seed=(5, 5)), greedy)
+
+
+def test_one_character_prompt():
+    cfg, model = build("default", [12])
+    out = Sampler(model, "embedding", V, 100).generate(np.array([[3], [4]], np.int32), 5, temperature=0.0)
+    expected = np.asarray(model(np.array([[3], [4]], np.int32), training=False))[:, -1].argmax(-1)
+    assert out.shape == (2, 5) and np.array_equal(out[:, 0], expected)

@@ -1,0 +1,641 @@
+"""A throw-away local stack: a moto S3 server and a Ray head, both on 127.0.0.1.
+
+Used by `make demo` (through the CLI) and by the end-to-end tests (through the functions), so the demo and
+the tests run the job exactly the same way: `ray job submit --working-dir .` against a real Ray head whose
+jobs read and write a real S3 API over HTTP.
+
+    python -m infra.localstack start  [--state-dir .stack] [--bucket NAME] [--upload FILE KEY] [--num-cpus N]
+    eval "$(python -m infra.localstack env)"      # RAY_ADDRESS, RAY_AUTH_*, AWS_* for `ray job submit`
+    python -m infra.localstack status
+    python -m infra.localstack stop               # idempotent
+
+Every process is started in its own session (`start_new_session=True`); `stop` signals exactly the process
+groups recorded in `<state-dir>/state.json` (never `ray stop`, which would kill every Ray on the machine).
+
+Ray token authentication (GUIDE §2 pitfall 9): the head is started with `RAY_AUTH_MODE=token` and
+`RAY_AUTH_TOKEN_PATH=<state-dir>/ray_auth_token` (a fresh token, mode 0600), and the client environment
+carries the same two variables, so the `ray job` CLI sends the token and nothing depends on whether
+`~/.ray/auth_token` exists (the path variable takes precedence over that default file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import json
+import os
+import random
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_STATE_DIR = ".stack"
+DEFAULT_BUCKET = "charlstm-local"
+DEFAULT_NUM_CPUS = 4
+REGION = "us-east-1"
+# moto accepts any credentials unless IAM authentication is switched on; these are obviously fake.
+FAKE_ACCESS_KEY = "testing"
+FAKE_SECRET_KEY = "testing"
+STATE_FILE = "state.json"
+TOKEN_FILE = "ray_auth_token"
+
+# Inherited variables that would point a process at some other S3 or Ray than ours.
+_SCRUB_PREFIXES = ("AWS_",)
+_SCRUB_EXACT = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+class StackError(RuntimeError):
+    """The local stack could not be started or reached."""
+
+
+# --------------------------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Proc:
+    """A process we started in its own session; identified by pid + kernel start time (pid reuse safe)."""
+
+    name: str
+    pid: int
+    start_time: int
+    log: str
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def pgid(self) -> int:
+        return self.pid  # start_new_session=True: the process leads its own session and group
+
+    def alive(self) -> bool:
+        stat = _stat(self.pid)
+        return stat is not None and stat.start_time == self.start_time and stat.state != "Z"
+
+    def members(self) -> dict[int, int]:
+        """{pid: start_time} of our live processes: the session/group of the leader (Ray's daemons and
+        workers) plus all their descendants, including job drivers (Ray starts those in new sessions)."""
+        leader = _stat(self.pid)
+        if leader is not None and leader.start_time != self.start_time:
+            # The pid was reused, so the kernel had freed it as a group/session id too: nothing of ours left.
+            return {}
+        stats = {pid: st for pid in _all_pids() if (st := _stat(pid)) is not None and st.state != "Z"}
+        ours = {pid for pid, st in stats.items() if st.pgid == self.pgid or st.sid == self.pid}
+        children: dict[int, list[int]] = {}
+        for pid, st in stats.items():
+            children.setdefault(st.ppid, []).append(pid)
+        todo = list(ours)
+        while todo:
+            for child in children.get(todo.pop(), []):
+                if child not in ours:
+                    ours.add(child)
+                    todo.append(child)
+        return {pid: stats[pid].start_time for pid in ours}
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the leader (it shuts its children down), then everything of ours, then SIGKILL. Idempotent.
+
+        Processes seen once are remembered (by pid + start time), so descendants that get orphaned while
+        the leader shuts down are still found and signalled.
+        """
+        known: dict[int, int] = {}
+
+        def live() -> dict[int, int]:
+            known.update(self.members())
+            return {pid: t for pid, t in known.items()
+                    if (st := _stat(pid)) is not None and st.start_time == t and st.state != "Z"}
+
+        stages = ((signal.SIGTERM, False, timeout), (signal.SIGTERM, True, 3.0), (signal.SIGKILL, True, 5.0))
+        for sig, everything, wait in stages:
+            pids = live()
+            if not pids:
+                break
+            if everything:
+                leader = _stat(self.pid)
+                if leader is None or leader.start_time == self.start_time:  # else the id was reused
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(self.pgid, sig)
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, sig)
+            elif self.alive():
+                os.kill(self.pid, sig)
+            else:
+                continue  # no leader to shut the rest down gracefully
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and live():
+                _reap(self.pid)
+                time.sleep(0.1)
+        _reap(self.pid)
+        _OWNED.pop(self.pid, None)
+
+
+@dataclass
+class _Stat:
+    state: str
+    ppid: int
+    pgid: int
+    sid: int
+    start_time: int
+
+
+def _stat(pid: int) -> _Stat | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may contain spaces and parentheses
+    return _Stat(state=fields[0], ppid=int(fields[1]), pgid=int(fields[2]), sid=int(fields[3]),
+                 start_time=int(fields[19]))
+
+
+def _all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+_CHILDREN: dict[int, subprocess.Popen] = {}  # Popen objects of this process, so stopped children get reaped
+# Started by this Python process and stopped when it exits (a safety net for crashed tests), unless detached.
+_OWNED: dict[int, Proc] = {}
+
+
+def detach() -> None:
+    """Let every process started so far outlive this Python process (the CLI's `start` does this)."""
+    _OWNED.clear()
+
+
+@atexit.register
+def _stop_owned() -> None:
+    for proc in list(_OWNED.values()):
+        with contextlib.suppress(Exception):
+            proc.stop(timeout=5.0)
+
+
+def _reap(pid: int) -> None:
+    popen = _CHILDREN.get(pid)
+    if popen is not None and popen.poll() is not None:
+        _CHILDREN.pop(pid, None)
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], log_path: Path) -> Proc:
+    """Start `argv` in a new session with stdout+stderr appended to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        popen = subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True, cwd=str(REPO_ROOT),
+        )
+    _CHILDREN[popen.pid] = popen
+    stat = _stat(popen.pid)
+    start_time = stat.start_time if stat is not None else -1
+    proc = Proc(name=name, pid=popen.pid, start_time=start_time, log=str(log_path), argv=list(argv))
+    _OWNED[proc.pid] = proc
+    return proc
+
+
+def _exited(proc: Proc) -> int | None:
+    """Exit code if `proc` is one of our children and has exited, else None."""
+    popen = _CHILDREN.get(proc.pid)
+    if popen is not None:
+        return popen.poll()
+    return None if proc.alive() else -1
+
+
+def log_tail(path: str | Path, lines: int = 40) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# ------------------------------------------------------------------------------------------------- ports
+
+_HANDED_OUT: set[int] = set()
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", port))  # all interfaces: stricter than 127.0.0.1 alone
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port that is free now (and that this process has not handed out before)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise StackError("could not find a free TCP port")
+
+
+def free_port_range(size: int = 200, low: int = 20000, high: int = 30000) -> tuple[int, int]:
+    """A block of `size` consecutive free ports below the kernel's ephemeral range, for Ray's workers."""
+    for _ in range(50):
+        base = random.randrange(low, high - size)
+        block = range(base, base + size)
+        if not _HANDED_OUT.intersection(block) and all(_bindable(p) for p in block):
+            _HANDED_OUT.update(block)
+            return base, base + size - 1
+    raise StackError(f"could not find {size} consecutive free ports in {low}-{high}")
+
+
+def _http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+# -------------------------------------------------------------------------------------------------- env
+
+
+def venv_bin() -> Path:
+    """The directory of this interpreter (the venv's bin/), which also holds `ray` and `moto_server`."""
+    return Path(sys.executable).parent
+
+
+def ray_executable() -> str:
+    path = venv_bin() / "ray"
+    return str(path) if path.exists() else (shutil.which("ray") or "ray")
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """The standard AWS variables that point boto3/s3fs/our storage module at a local S3 endpoint."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+        # No instance-metadata probing (each probe can take a second when there is no EC2).
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+def scrubbed_environ(base: dict[str, str] | None = None) -> dict[str, str]:
+    """`base` (default os.environ) without variables that would point at another S3 or Ray."""
+    env = dict(os.environ if base is None else base)
+    for key in list(env):
+        if key.startswith(_SCRUB_PREFIXES) or key in _SCRUB_EXACT:
+            del env[key]
+    return env
+
+
+def ray_auth_env(token_path: str | Path) -> dict[str, str]:
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+
+
+# ------------------------------------------------------------------------------------------------ S3
+
+
+@dataclass
+class S3Info:
+    endpoint: str
+    port: int
+    bucket: str | None
+    proc: Proc
+
+    @property
+    def env(self) -> dict[str, str]:
+        return s3_env(self.endpoint)
+
+
+def boto3_client(endpoint: str, **overrides: str):
+    import boto3  # local import: the CLI's `stop`/`env` stay fast
+
+    kwargs = dict(
+        endpoint_url=endpoint, aws_access_key_id=FAKE_ACCESS_KEY, aws_secret_access_key=FAKE_SECRET_KEY,
+        region_name=REGION,
+    )
+    kwargs.update(overrides)
+    return boto3.client("s3", **kwargs)
+
+
+def start_s3(state_dir: Path, bucket: str | None = DEFAULT_BUCKET, *, timeout: float = 30.0,
+             extra_env: dict[str, str] | None = None, name: str = "moto") -> S3Info:
+    """Start a moto S3 server on a free 127.0.0.1 port, wait until it answers, create `bucket`."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    last_error = ""
+    for _attempt in range(3):  # the free port can be taken between choosing and binding: pick another
+        port = free_port()
+        env = scrubbed_environ()
+        env.update(extra_env or {})
+        argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        proc = spawn(name, argv, env, state_dir / f"{name}.log")
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _exited(proc) is not None:
+                last_error = f"moto server exited early:\n{log_tail(proc.log)}"
+                break
+            try:
+                _http_get(endpoint + "/moto-api/", timeout=1.0)
+            except OSError:
+                time.sleep(0.1)
+                continue
+            info = S3Info(endpoint=endpoint, port=port, bucket=bucket, proc=proc)
+            if bucket:
+                try:
+                    boto3_client(endpoint).create_bucket(Bucket=bucket)
+                except Exception:
+                    proc.stop()
+                    raise
+            return info
+        else:
+            last_error = (f"moto server did not answer on {endpoint} within {timeout:.0f}s:\n"
+                          f"{log_tail(proc.log)}")
+        proc.stop()
+    raise StackError(last_error)
+
+
+# ----------------------------------------------------------------------------------------------- Ray
+
+
+@dataclass
+class RayInfo:
+    address: str  # dashboard / job API URL, what RAY_ADDRESS must be for `ray job ...`
+    gcs_address: str
+    temp_dir: str
+    token_path: str
+    ports: dict[str, int]
+    proc: Proc
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": "Bearer " + Path(self.token_path).read_text().strip()}
+
+    def client_env(self) -> dict[str, str]:
+        return {"RAY_ADDRESS": self.address, **ray_auth_env(self.token_path)}
+
+
+def _new_token(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+
+
+def _ray_logs_tail(temp_dir: str, lines: int = 30) -> str:
+    logs = Path(temp_dir) / "session_latest" / "logs"
+    parts = []
+    for name in ("gcs_server.err", "raylet.err", "dashboard.log", "dashboard.err", "dashboard_agent.log"):
+        tail = log_tail(logs / name, lines)
+        if tail.strip():
+            parts.append(f"--- {logs / name} ---\n{tail}")
+    return "\n".join(parts)
+
+
+def start_ray_head(state_dir: Path, *, num_cpus: int = DEFAULT_NUM_CPUS,
+                   extra_env: dict[str, str] | None = None, timeout: float = 120.0) -> RayInfo:
+    """Start `ray start --head --block` on 127.0.0.1 with every port chosen free; wait for the job API."""
+    state_dir = state_dir.resolve()
+    token_path = state_dir / TOKEN_FILE
+    _new_token(token_path)
+    # Short: Ray puts unix sockets under it and their paths must stay below 107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ports = {name: free_port() for name in (
+        "gcs", "dashboard", "client", "node_manager", "object_manager", "dashboard_agent_http",
+        "dashboard_agent_grpc", "runtime_env_agent", "metrics_export", "autoscaler_metrics",
+        "dashboard_metrics")}
+    min_worker, max_worker = free_port_range()
+    ports.update(min_worker=min_worker, max_worker=max_worker)
+    argv = [
+        ray_executable(), "start", "--head", "--block",
+        "--node-ip-address", "127.0.0.1",
+        "--port", str(ports["gcs"]),
+        "--include-dashboard", "true",
+        "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(ports["dashboard"]),
+        "--ray-client-server-port", str(ports["client"]),
+        "--node-manager-port", str(ports["node_manager"]),
+        "--object-manager-port", str(ports["object_manager"]),
+        "--dashboard-agent-listen-port", str(ports["dashboard_agent_http"]),
+        "--dashboard-agent-grpc-port", str(ports["dashboard_agent_grpc"]),
+        "--runtime-env-agent-port", str(ports["runtime_env_agent"]),
+        "--metrics-export-port", str(ports["metrics_export"]),
+        "--min-worker-port", str(min_worker),
+        "--max-worker-port", str(max_worker),
+        "--temp-dir", temp_dir,
+        "--num-cpus", str(num_cpus),
+        "--disable-usage-stats",
+    ]
+    env = scrubbed_environ()
+    env.update(extra_env or {})
+    env.update(ray_auth_env(token_path))
+    # Job entrypoints say `python ...`: make that the venv's interpreter (the one with TensorFlow).
+    env["PATH"] = os.pathsep.join([str(venv_bin()), env.get("PATH", "/usr/bin:/bin")])
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Ray replaces --node-ip-address 127.0.0.1 by the machine's routable IP unless multi-node support is
+    # off (services.resolve_ip_for_localhost); a single-node stack has no use for it, so stay on loopback.
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # On SIGTERM, Ray 2.60 first drains the node for up to 30 s (for Serve); nothing to drain here.
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+    # Prometheus ports that `ray start` has no flag for (defaults 44217/44227 would clash between stacks).
+    env["AUTOSCALER_METRIC_PORT"] = str(ports["autoscaler_metrics"])
+    env["DASHBOARD_METRIC_PORT"] = str(ports["dashboard_metrics"])
+    proc = spawn("ray-head", argv, env, state_dir / "ray-head.log")
+    info = RayInfo(
+        address=f"http://127.0.0.1:{ports['dashboard']}", gcs_address=f"127.0.0.1:{ports['gcs']}",
+        temp_dir=temp_dir, token_path=str(token_path), ports=ports, proc=proc,
+    )
+    try:
+        _wait_ray_ready(info, timeout)
+    except BaseException as exc:
+        stop_ray_head(info)
+        exc.proc = info.proc  # for callers that want to check what was stopped
+        raise
+    return info
+
+
+def _wait_ray_ready(info: RayInfo, timeout: float) -> None:
+    """Ready = the job API answers an authenticated request and the head's agent reports a healthy raylet."""
+    deadline = time.monotonic() + timeout
+    checks = [
+        (info.address + "/api/version", info.auth_headers),
+        (info.address + "/api/jobs/", info.auth_headers),
+        (f"http://127.0.0.1:{info.ports['dashboard_agent_http']}/api/local_raylet_healthz", {}),
+    ]
+    pending = list(checks)
+    last = ""
+    while pending and time.monotonic() < deadline:
+        code = _exited(info.proc)
+        if code is not None:
+            raise StackError(
+                f"`ray start --head` exited with code {code}:\n{log_tail(info.proc.log)}\n"
+                f"{_ray_logs_tail(info.temp_dir)}")
+        url, headers = pending[0]
+        try:
+            status, body = _http_get(url, headers)
+        except OSError as exc:
+            status, body = 0, str(exc).encode()
+        if status == 200:
+            pending.pop(0)
+            continue
+        last = f"{url} -> {status} {body[:200]!r}"
+        time.sleep(0.25)
+    if pending:
+        raise StackError(
+            f"Ray head not ready within {timeout:.0f}s (last check: {last}).\n"
+            f"--- {info.proc.log} ---\n{log_tail(info.proc.log)}\n{_ray_logs_tail(info.temp_dir)}")
+
+
+def stop_ray_head(info: RayInfo, *, keep_temp_dir: bool = False) -> None:
+    info.proc.stop()
+    if not keep_temp_dir and not os.environ.get("CHARLSTM_KEEP_RAY_LOGS"):
+        shutil.rmtree(info.temp_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------- stack
+
+
+@dataclass
+class Stack:
+    state_dir: str
+    s3: S3Info
+    ray: RayInfo | None
+
+    def client_env(self) -> dict[str, str]:
+        """Everything a client shell needs: the local S3 (AWS_*) and the Ray job API (RAY_*)."""
+        env = dict(self.s3.env)
+        if self.ray is not None:
+            env.update(self.ray.client_env())
+        return env
+
+    def save(self) -> None:
+        path = Path(self.state_dir) / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, state_dir: str | Path) -> Stack | None:
+        path = Path(state_dir) / STATE_FILE
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        s3 = raw["s3"]
+        s3 = S3Info(**{**s3, "proc": Proc(**s3["proc"])})
+        ray = raw.get("ray")
+        if ray is not None:
+            ray = RayInfo(**{**ray, "proc": Proc(**ray["proc"])})
+        return cls(state_dir=raw["state_dir"], s3=s3, ray=ray)
+
+    def alive(self) -> dict[str, bool]:
+        out = {"s3": self.s3.proc.alive()}
+        if self.ray is not None:
+            out["ray"] = self.ray.proc.alive()
+        return out
+
+    def stop(self) -> None:
+        if self.ray is not None:
+            stop_ray_head(self.ray)
+        self.s3.proc.stop()
+
+
+def start(state_dir: str | Path = DEFAULT_STATE_DIR, *, bucket: str = DEFAULT_BUCKET,
+          num_cpus: int = DEFAULT_NUM_CPUS, uploads: list[tuple[str, str]] | None = None,
+          with_ray: bool = True) -> Stack:
+    """Start S3 (+ bucket, + uploads) and a Ray head; record them in `<state_dir>/state.json`."""
+    state_dir = Path(state_dir).resolve()
+    existing = Stack.load(state_dir)
+    if existing is not None and any(existing.alive().values()):
+        raise StackError(f"a local stack is already running from {state_dir}; run `stop` first")
+    s3 = start_s3(state_dir, bucket)
+    stack = Stack(state_dir=str(state_dir), s3=s3, ray=None)
+    stack.save()
+    try:
+        if uploads:
+            client = boto3_client(s3.endpoint)
+            for local, key in uploads:
+                client.upload_file(str(local), bucket, key)
+        if with_ray:
+            stack.ray = start_ray_head(state_dir, num_cpus=num_cpus, extra_env=s3.env)
+            stack.save()
+    except BaseException:
+        stack.stop()
+        (state_dir / STATE_FILE).unlink(missing_ok=True)
+        raise
+    return stack
+
+
+def stop(state_dir: str | Path = DEFAULT_STATE_DIR) -> bool:
+    """Stop what `start` recorded in `state_dir`; True if there was anything to stop. Idempotent."""
+    stack = Stack.load(state_dir)
+    if stack is None:
+        return False
+    stack.stop()
+    (Path(state_dir) / STATE_FILE).unlink(missing_ok=True)
+    return True
+
+
+def export_lines(env: dict[str, str]) -> str:
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra.localstack", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["start", "stop", "status", "env"])
+    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    parser.add_argument("--bucket", default=DEFAULT_BUCKET)
+    parser.add_argument("--upload", nargs=2, action="append", metavar=("LOCALFILE", "KEY"), default=[],
+                        help="upload LOCALFILE to s3://BUCKET/KEY after start (repeatable)")
+    parser.add_argument("--num-cpus", type=int, default=DEFAULT_NUM_CPUS)
+    args = parser.parse_args(argv)
+
+    if args.command == "start":
+        for local, _key in args.upload:
+            if not Path(local).is_file():
+                print(f"error: --upload file {local} does not exist", file=sys.stderr)
+                return 2
+        try:
+            t0 = time.monotonic()
+            stack = start(args.state_dir, bucket=args.bucket, num_cpus=args.num_cpus, uploads=args.upload)
+        except StackError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        detach()  # the stack outlives this command; `stop` ends it
+        print(f"local S3   {stack.s3.endpoint}  bucket s3://{args.bucket}")
+        print(f"Ray head   {stack.ray.address}  (token auth, {args.num_cpus} CPUs, "
+              f"logs {stack.ray.temp_dir})")
+        print(f"ready in {time.monotonic() - t0:.1f}s; for a shell: eval \"$(python -m infra.localstack env"
+              f" --state-dir {args.state_dir})\"")
+        return 0
+    if args.command == "stop":
+        print("stopped" if stop(args.state_dir) else "nothing to stop")
+        return 0
+    stack = Stack.load(args.state_dir)
+    if stack is None:
+        print(f"error: no local stack recorded in {args.state_dir}; run `start` first", file=sys.stderr)
+        return 1
+    if args.command == "status":
+        alive = stack.alive()
+        print(json.dumps({"alive": alive, "s3": stack.s3.endpoint, "bucket": stack.s3.bucket,
+                          "ray": stack.ray.address if stack.ray else None}, indent=2))
+        return 0 if all(alive.values()) else 1
+    print(export_lines(stack.client_env()), end="")  # env
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

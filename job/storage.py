@@ -1,0 +1,561 @@
+"""Every read and write by URL: local paths, file://, s3:// (s3fs) and read-only https:// (fsspec).
+
+S3 endpoint and credentials come only from the standard AWS variables, read by botocore itself:
+AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (botocore >= 1.31 resolves both, the S3-specific one first),
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN (or ~/.aws, IRSA, instance roles),
+AWS_DEFAULT_REGION (AWS_REGION is not read by botocore, so we pass it on when it is the only one set),
+AWS_MAX_ATTEMPTS / AWS_RETRY_MODE. The same code therefore talks to AWS, MinIO or a local moto server.
+
+Retries and timeouts are the library's (botocore `Config(retries=, connect_timeout=, read_timeout=)`),
+bounded so that an unreachable endpoint fails in under ~30 s instead of hanging:
+  AWS_MAX_ATTEMPTS (default 4 attempts in all), AWS_RETRY_MODE (default "standard"),
+  CHARLSTM_S3_CONNECT_TIMEOUT (default 5 s), CHARLSTM_S3_READ_TIMEOUT (default 30 s).
+
+Writes are atomic for readers: a local file is written under a temporary name in the same directory and
+renamed over the final name; an S3 object becomes visible only when its single PUT (or the completing call
+of a multipart upload, which s3fs aborts on failure) succeeds, so a failed write leaves nothing behind.
+
+Failures a user can fix (missing bucket, rejected credentials, unreachable endpoint, missing object) are
+raised as one-line `UserError`s by `translate_errors`; no message ever contains a secret key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from job.errors import UserError
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+    import s3fs
+
+DEFAULT_MAX_ATTEMPTS = 4
+DEFAULT_RETRY_MODE = "standard"
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 30.0
+# s3fs runs its own retry loop around each call, on top of botocore's. It is the only layer that retries a
+# response body cut off mid-stream, so keep one extra try for that and leave everything else to botocore.
+S3FS_RETRIES = 2
+
+# Everything that changes which S3 (and how) a filesystem instance talks to: the cache key.
+_ENV_KEYS = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+    "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
+    "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+    "CHARLSTM_S3_CONNECT_TIMEOUT", "CHARLSTM_S3_READ_TIMEOUT",
+)
+_S3_CACHE: dict[tuple, s3fs.S3FileSystem] = {}
+
+
+# ---------------------------------------------------------------------------------------------- URLs
+
+
+def _scheme(url: str) -> str:
+    scheme = urlsplit(str(url)).scheme.lower()
+    return "" if len(scheme) <= 1 else scheme  # "" for plain paths (and C:\ style drive letters)
+
+
+def is_local(url: str) -> bool:
+    """True for plain paths and file:// URLs."""
+    return _scheme(url) in ("", "file")
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a local URL (file:///a/b -> /a/b, a/b -> a/b)."""
+    url = os.fspath(url)
+    if _scheme(url) == "file":
+        parts = urlsplit(url)
+        return (parts.netloc + parts.path) if parts.netloc not in ("", "localhost") else parts.path
+    if _scheme(url):
+        raise UserError(f"{url} is not a local path; give a path or a file:// URL")
+    return url
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path segments onto a path or URL: join("s3://b/runs", "a", "x.json") -> "s3://b/runs/a/x.json"."""
+    url = os.fspath(url)
+    parts = tuple(str(p).strip("/") for p in parts if str(p).strip("/"))
+    if not parts:
+        return url
+    if _scheme(url) == "":
+        return os.path.join(url, *parts)
+    return url.rstrip("/") + "/" + "/".join(parts)
+
+
+def _s3_path(url: str) -> str:
+    """s3://bucket/key -> bucket/key"""
+    path = url.split("://", 1)[1].strip("/")
+    if not path:
+        raise UserError(f"{url} names no bucket; use s3://BUCKET/PREFIX")
+    return path
+
+
+def _bucket(url: str) -> str:
+    return _s3_path(url).split("/", 1)[0]
+
+
+# ------------------------------------------------------------------------------------------------ S3
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise UserError(f"{name}={raw!r} is not a positive number of seconds; fix or unset it")
+    return value
+
+
+def _max_attempts() -> int:
+    raw = os.environ.get("AWS_MAX_ATTEMPTS")
+    if raw in (None, ""):
+        return DEFAULT_MAX_ATTEMPTS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UserError(f"AWS_MAX_ATTEMPTS={raw!r} is not a positive integer; fix or unset it")
+    return value
+
+
+def _botocore_config() -> dict:
+    """Keyword arguments for botocore.client.Config (s3fs passes them through as `config_kwargs`)."""
+    retries: dict = {}
+    # botocore reads AWS_MAX_ATTEMPTS / AWS_RETRY_MODE itself for the keys we leave out of this dict.
+    if not os.environ.get("AWS_MAX_ATTEMPTS"):
+        retries["max_attempts"] = DEFAULT_MAX_ATTEMPTS
+    else:
+        _max_attempts()  # validate, with a clear message
+    if not os.environ.get("AWS_RETRY_MODE"):
+        retries["mode"] = DEFAULT_RETRY_MODE
+    return {
+        "retries": retries,
+        "connect_timeout": _env_float("CHARLSTM_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
+        "read_timeout": _env_float("CHARLSTM_S3_READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
+    }
+
+
+def s3_filesystem() -> s3fs.S3FileSystem:
+    """The s3fs filesystem for the current process and AWS environment (cached).
+
+    The cache is keyed on the pid and on every AWS variable we depend on, so a forked child never reuses
+    its parent's connections and a changed environment (tests point AWS_ENDPOINT_URL at a fresh server)
+    gets a fresh client. fsspec's own instance cache is bypassed for the same reason.
+    """
+    key = (os.getpid(), tuple(os.environ.get(k) for k in _ENV_KEYS))
+    fs = _S3_CACHE.get(key)
+    if fs is None:
+        import s3fs  # imported lazily: local-only users (and TF-free unit tests) never pay for it
+
+        client_kwargs = {}
+        if os.environ.get("AWS_REGION") and not os.environ.get("AWS_DEFAULT_REGION"):
+            client_kwargs["region_name"] = os.environ["AWS_REGION"]
+        fs = s3fs.S3FileSystem(
+            skip_instance_cache=True,
+            use_listings_cache=False,  # other processes (Ray workers) write concurrently: always ask S3
+            config_kwargs=_botocore_config(),
+            client_kwargs=client_kwargs,
+        )
+        fs.retries = S3FS_RETRIES
+        _S3_CACHE.clear()  # drop instances of an old environment or of the parent process
+        _S3_CACHE[key] = fs
+    return fs
+
+
+def s3_endpoint() -> str:
+    """The S3 endpoint botocore resolved from the environment (no network traffic)."""
+    return s3_filesystem().s3.meta.endpoint_url
+
+
+def _is_custom_endpoint(endpoint: str) -> bool:
+    host = (urlsplit(endpoint).hostname or "").lower()
+    return not (host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn"))
+
+
+def pyarrow_filesystem(url: str) -> tuple[pyarrow.fs.FileSystem | None, str]:
+    """(filesystem, path) for Ray's `RunConfig(storage_filesystem=..., storage_path=...)`.
+
+    pyarrow does not read AWS_ENDPOINT_URL (GUIDE §2 pitfall 3), so for s3:// we build an S3FileSystem from
+    the endpoint and region botocore resolved plus the AWS_* credentials, and return the path without the
+    scheme ("bucket/prefix"), as Ray requires when a filesystem is given. Local paths: (None, absolute path).
+    """
+    scheme = _scheme(url)
+    if scheme in ("", "file"):
+        return None, os.path.abspath(local_path(url))
+    if scheme not in ("s3", "s3a"):
+        return None, url  # e.g. gs://: let pyarrow resolve it from the URL
+    import pyarrow.fs
+
+    client = s3_filesystem().s3
+    endpoint, region = client.meta.endpoint_url, client.meta.region_name
+    kwargs: dict = {
+        "region": region or "us-east-1",
+        "connect_timeout": _env_float("CHARLSTM_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
+        "request_timeout": _env_float("CHARLSTM_S3_READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
+        "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=_max_attempts()),
+    }
+    if _is_custom_endpoint(endpoint):
+        parts = urlsplit(endpoint)
+        kwargs.update(endpoint_override=parts.netloc, scheme=parts.scheme or "https")
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"],
+                      secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    # Otherwise pyarrow's default AWS chain finds the credentials (profile files, IRSA, instance role) and,
+    # unlike fixed keys, refreshes temporary ones.
+    return pyarrow.fs.S3FileSystem(**kwargs), _s3_path(url)
+
+
+# ------------------------------------------------------------------------------------ error translation
+
+
+def _client_error_code(exc: BaseException) -> str | None:
+    """The S3 error code (NoSuchBucket, AccessDenied, ...) behind an s3fs/botocore exception, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+            return str(response["Error"]["Code"])
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _bucket_missing(bucket: str) -> bool:
+    try:
+        s3_filesystem().call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _probe_error_code(url: str) -> str | None:
+    """The S3 error code a LIST on `url`'s bucket gets (used when a HEAD only said "403")."""
+    path = _s3_path(url)
+    bucket, _, key = path.partition("/")
+    try:
+        s3_filesystem().call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=1)
+    except Exception as exc:
+        return _client_error_code(exc)
+    return None
+
+
+_CREDENTIAL_HINTS = {
+    "InvalidAccessKeyId": "the access key id is unknown to this endpoint",
+    "SignatureDoesNotMatch": "the secret key does not match the access key id",
+    "InvalidToken": "the session token is malformed",
+    "ExpiredToken": "the session token has expired; refresh the credentials",
+    "TokenRefreshRequired": "the session token has expired; refresh the credentials",
+}
+
+
+def _s3_user_error(url: str, exc: BaseException) -> UserError | None:
+    from botocore import exceptions as bex
+
+    for e in _chain(exc):
+        if isinstance(e, bex.NoCredentialsError | bex.PartialCredentialsError):
+            return UserError(
+                f"no AWS credentials for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or run with an IAM role)")
+        if isinstance(e, bex.EndpointConnectionError | bex.ConnectTimeoutError):
+            return UserError(
+                f"cannot reach the S3 endpoint {_endpoint_label()} for {url}: start the server or fix "
+                "AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 (unset them for AWS)")
+        if isinstance(e, bex.ReadTimeoutError):
+            return UserError(
+                f"the S3 endpoint {_endpoint_label()} did not answer in time for {url}: check the server, "
+                "or raise CHARLSTM_S3_READ_TIMEOUT")
+    code = _client_error_code(exc)
+    bucket = _bucket(url)
+    if isinstance(exc, PermissionError) and code in (None, "403"):
+        code = _probe_error_code(url) or code  # HEAD responses carry no error code; ask with a LIST
+    if code == "NoSuchBucket" or (isinstance(exc, FileNotFoundError) and _bucket_missing(bucket)):
+        return UserError(
+            f"S3 bucket '{bucket}' does not exist at {_endpoint_label()}: create it "
+            f"(e.g. `aws s3 mb s3://{bucket}`) or fix the URL {url}")
+    if code in _CREDENTIAL_HINTS:
+        return UserError(
+            f"S3 rejected the credentials for {url} at {_endpoint_label()} "
+            f"({code}: {_CREDENTIAL_HINTS[code]}): "
+            "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN")
+    if isinstance(exc, PermissionError) or code in ("AccessDenied", "AllAccessDisabled", "AccountProblem"):
+        return UserError(
+            f"access denied to {url} at {_endpoint_label()} ({code or 'PermissionError'}): grant these "
+            "credentials s3:GetObject/PutObject/ListBucket/DeleteObject on the bucket "
+            "(see infra/iam-policy.json)")
+    if isinstance(exc, FileNotFoundError) or code in ("NoSuchKey", "404"):
+        return UserError(f"not found: {url}: check the URL (list the prefix with `aws s3 ls`)")
+    if code == "InvalidBucketName":
+        return UserError(f"invalid S3 bucket name in {url}: use 3-63 lowercase letters, digits, '.' or '-'")
+    return None
+
+
+def _endpoint_label() -> str:
+    try:
+        return s3_endpoint()
+    except Exception:  # never let the error message itself fail
+        return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+
+
+def _other_user_error(url: str, exc: BaseException) -> UserError | None:
+    if isinstance(exc, FileNotFoundError):
+        return UserError(f"not found: {url}: check the path or URL")
+    if isinstance(exc, IsADirectoryError):
+        return UserError(f"{url} is a directory, expected a file")
+    if isinstance(exc, PermissionError):
+        return UserError(f"permission denied: {url}: check the file permissions")
+    for e in _chain(exc):
+        name = type(e).__name__
+        if name in ("ClientConnectorError", "ClientConnectorDNSError", "ServerTimeoutError",
+                    "ConnectionRefusedError", "gaierror"):
+            return UserError(f"cannot reach {url} ({name}): check the URL and the network")
+    return None
+
+
+@contextlib.contextmanager
+def translate_errors(url: str) -> Iterator[None]:
+    """Turn storage failures a user can fix into one-line UserErrors naming `url` (never a secret)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        scheme = _scheme(url)
+        user_error = _s3_user_error(url, exc) if scheme in ("s3", "s3a") else _other_user_error(url, exc)
+        if user_error is None:
+            raise
+        raise user_error from exc
+
+
+# ------------------------------------------------------------------------------------------ operations
+
+
+def _fsspec(url: str):
+    """(filesystem, path) for a non-local URL."""
+    if _scheme(url) in ("s3", "s3a"):
+        return s3_filesystem(), _s3_path(url)
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def read_bytes(url: str) -> bytes:
+    with translate_errors(url):
+        if is_local(url):
+            with open(local_path(url), "rb") as fh:
+                return fh.read()
+        fs, path = _fsspec(url)
+        return fs.cat_file(path)
+
+
+def read_text(url: str) -> str:
+    """UTF-8 (strict: a UnicodeDecodeError is the caller's to report)."""
+    return read_bytes(url).decode("utf-8")
+
+
+def _atomic_local_write(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)  # atomic: readers see the old file or the complete new one
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write `data` to `url` atomically (readers never see a partial file or object)."""
+    data = bytes(data)
+    with translate_errors(url):
+        if is_local(url):
+            _atomic_local_write(local_path(url), data)
+            return
+        if _scheme(url) in ("http", "https"):
+            raise UserError(f"cannot write to {url}: https URLs are read-only; write to s3:// or a path")
+        fs, path = _fsspec(url)
+        # S3: one PUT (or a multipart upload that s3fs completes last, or aborts on failure); the object
+        # appears only when that final call succeeds.
+        fs.pipe_file(path, data)
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode("utf-8"))
+
+
+def exists(url: str) -> bool:
+    """True if a file/object (or a non-empty prefix/directory) exists at `url`."""
+    with translate_errors(url):
+        if is_local(url):
+            return os.path.exists(local_path(url))
+        fs, path = _fsspec(url)
+        return fs.exists(path)
+
+
+def listdir(url: str) -> list[str]:
+    """Every file/object under `url` (recursively), as URLs in the same form as `url`, sorted."""
+    with translate_errors(url):
+        if is_local(url):
+            root = local_path(url)
+            if os.path.isfile(root):
+                return [url]
+            out = []
+            for dirpath, _dirs, files in os.walk(root):
+                for name in files:
+                    rel = os.path.relpath(os.path.join(dirpath, name), root)
+                    out.append(join(url, *rel.split(os.sep)))
+            return sorted(out)
+        fs, path = _fsspec(url)
+        if _scheme(url) in ("s3", "s3a") and "/" not in path:
+            fs.call_s3("head_bucket", Bucket=path)  # a missing bucket is an error, not an empty listing
+        found = fs.find(path)
+        root = path.rstrip("/")
+        out = []
+        for item in found:
+            item = item.split("://", 1)[-1] if "://" in item else item
+            if item == root:
+                out.append(url)
+            elif item.startswith(root + "/"):
+                out.append(join(url, item[len(root) + 1 :]))
+        return sorted(out)
+
+
+def upload_dir(local_dir: str, url: str) -> list[str]:
+    """Copy every file under `local_dir` to `url/<relative path>`; each file is written atomically
+    (the directory as a whole is not). Returns the destination URLs."""
+    src_root = local_path(local_dir)
+    if not os.path.isdir(src_root):
+        raise UserError(f"{local_dir} is not a directory; nothing to upload")
+    pairs = []
+    for dirpath, _dirs, files in os.walk(src_root):
+        for name in files:
+            src = os.path.join(dirpath, name)
+            rel = os.path.relpath(src, src_root).split(os.sep)
+            pairs.append((src, join(url, *rel)))
+    pairs.sort()
+    with translate_errors(url):
+        if is_local(url):
+            for src, dst in pairs:
+                _atomic_local_copy(src, local_path(dst))
+        elif pairs:
+            if _scheme(url) in ("http", "https"):
+                raise UserError(f"cannot write to {url}: https URLs are read-only")
+            fs, _ = _fsspec(url)
+            # Concurrent PUTs / multipart uploads; each object appears only once complete.
+            fs.put([s for s, _ in pairs], [_fsspec(d)[1] for _, d in pairs])
+    return [d for _, d in pairs]
+
+
+def _atomic_local_copy(src: str, dst: str) -> None:
+    directory = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def download_dir(url: str, local_dir: str) -> list[str]:
+    """Copy every file/object under `url` to `local_dir/<relative path>`, each file atomically.
+    Returns the local paths written. A prefix with nothing under it is a UserError (not found)."""
+    sources = listdir(url)
+    if not sources:
+        raise UserError(f"not found: nothing under {url}: check the URL")
+    dst_root = local_path(local_dir)
+    base = url.rstrip("/") + "/" if not is_local(url) else None
+    pairs = []
+    for src in sources:
+        if base is not None:
+            rel = src[len(base):] if src.startswith(base) else posixpath.basename(src)
+        else:
+            rel = os.path.relpath(local_path(src), local_path(url))
+        pairs.append((src, os.path.join(dst_root, *rel.split("/"))))
+    with translate_errors(url):
+        if is_local(url):
+            for src, dst in pairs:
+                _atomic_local_copy(local_path(src), dst)
+            return [d for _, d in pairs]
+        fs, _ = _fsspec(url)
+        tmps = []
+        try:
+            for _, dst in pairs:
+                os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dst)),
+                                           prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
+                os.close(fd)
+                tmps.append(tmp)
+            fs.get([_fsspec(s)[1] for s, _ in pairs], tmps)  # concurrent downloads into temporary names
+            for tmp, (_, dst) in zip(tmps, pairs, strict=True):
+                os.replace(tmp, dst)
+        finally:
+            for tmp in tmps:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+    return [d for _, d in pairs]
+
+
+def delete(url: str, recursive: bool = False) -> None:
+    """Delete a file/object (or, with recursive=True, everything under a prefix/directory).
+    Deleting something that does not exist is not an error (S3 semantics)."""
+    with translate_errors(url):
+        if is_local(url):
+            path = local_path(url)
+            if recursive and os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            return
+        fs, path = _fsspec(url)
+        if _scheme(url) in ("s3", "s3a"):
+            if "/" not in path:
+                if not recursive:
+                    raise UserError(f"refusing to delete bucket {url}; give a key or prefix")
+                fs.call_s3("head_bucket", Bucket=path)
+            if recursive:
+                keys = fs.find(path)
+                if keys:
+                    fs.rm(keys)
+            else:
+                bucket, key = path.split("/", 1)
+                fs.call_s3("delete_object", Bucket=bucket, Key=key)  # idempotent; a missing bucket raises
+            return
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path, recursive=recursive)

@@ -1,0 +1,168 @@
+"""Shared harness for the end-to-end tests: a local S3 (moto) and a Ray head, via infra/localstack.py.
+
+The `s3_server` and `ray_cluster` fixtures in conftest.py wrap these context managers; `make demo` drives
+the same infra.localstack functions through its CLI, so the tests exercise what the demo runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra import localstack
+
+REPO_ROOT = localstack.REPO_ROOT
+DEFAULT_JOB_TIMEOUT = 300.0
+TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str
+    env: dict[str, str]  # AWS_* variables pointing at this server
+    info: localstack.S3Info
+
+    def client(self, **overrides):
+        """A boto3 S3 client for this server (overrides: aws_access_key_id=..., etc.)."""
+        return localstack.boto3_client(self.endpoint, **overrides)
+
+    def url(self, *parts: str) -> str:
+        return "s3://" + "/".join([self.bucket, *(p.strip("/") for p in parts)])
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    returncode: int | None  # of `ray job submit` (1 when the job FAILED); None if it timed out
+    status: str | None  # SUCCEEDED / FAILED / STOPPED / ... as the job API reports it
+    logs: str  # the job's driver output, from the job API
+    output: str  # everything `ray job submit` printed
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and self.status == "SUCCEEDED"
+
+    def describe(self) -> str:
+        """For assertion messages."""
+        return (f"job {self.job_id}: status={self.status} returncode={self.returncode} "
+                f"timed_out={self.timed_out}\n--- job logs ---\n{self.logs[-6000:]}\n"
+                f"--- ray job submit output ---\n{self.output[-3000:]}")
+
+
+@dataclass
+class RayCluster:
+    address: str  # dashboard URL (RAY_ADDRESS for `ray job ...`)
+    env: dict[str, str]  # client environment: RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH, AWS_*
+    info: localstack.RayInfo
+    submitted: list[str] = field(default_factory=list)
+
+    # -- job API over HTTP (token in the Authorization header), used for status and logs
+    def _api(self, path: str, timeout: float = 10.0) -> dict:
+        status, body = localstack._http_get(self.address + path, self.info.auth_headers, timeout=timeout)
+        if status != 200:
+            raise RuntimeError(f"GET {path} -> HTTP {status}: {body[:300]!r}")
+        return json.loads(body)
+
+    def job_status(self, job_id: str) -> str | None:
+        try:
+            return self._api(f"/api/jobs/{job_id}")["status"]
+        except (RuntimeError, OSError, KeyError, ValueError):
+            return None
+
+    def job_logs(self, job_id: str) -> str:
+        try:
+            return self._api(f"/api/jobs/{job_id}/logs").get("logs", "")
+        except (RuntimeError, OSError, ValueError):
+            return ""
+
+    def cli_env(self) -> dict[str, str]:
+        env = localstack.scrubbed_environ()
+        env.update(self.env)
+        return env
+
+    def stop_job(self, job_id: str, timeout: float = 60.0) -> None:
+        """`ray job stop`, then wait (bounded) until the job reaches a terminal state."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run([localstack.ray_executable(), "job", "stop", "--address", self.address, job_id],
+                           env=self.cli_env(), capture_output=True, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.job_status(job_id) not in TERMINAL_STATUSES:
+            time.sleep(0.5)
+
+    def submit(self, entrypoint: list[str], env: dict[str, str] | None = None,
+               timeout: float = DEFAULT_JOB_TIMEOUT, working_dir: str | Path = REPO_ROOT,
+               extra_args: list[str] | None = None) -> JobResult:
+        """`ray job submit --working-dir <repo> --runtime-env-json {"env_vars": env} -- <entrypoint>`.
+
+        Waits for the job to end (at most `timeout` seconds; then `ray job stop`s it).
+        """
+        job_id = f"e2e-{uuid.uuid4().hex[:12]}"
+        cmd = [
+            localstack.ray_executable(), "job", "submit",
+            "--address", self.address,
+            "--submission-id", job_id,
+            "--working-dir", str(working_dir),
+            "--runtime-env-json", json.dumps({"env_vars": dict(env or {})}),
+            *(extra_args or []),
+            "--", *entrypoint,
+        ]
+        self.submitted.append(job_id)
+        proc = subprocess.Popen(cmd, env=self.cli_env(), cwd=str(REPO_ROOT), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        timed_out = False
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self.stop_job(job_id)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        status = self.job_status(job_id)
+        return JobResult(job_id=job_id, returncode=None if timed_out else proc.returncode, status=status,
+                         logs=self.job_logs(job_id), output=output or "", timed_out=timed_out)
+
+    def stop_running_jobs(self) -> None:
+        for job_id in self.submitted:
+            if self.job_status(job_id) not in (*TERMINAL_STATUSES, None):
+                self.stop_job(job_id, timeout=20)
+
+
+@contextlib.contextmanager
+def s3_server(state_dir: Path, bucket: str = "charlstm-test",
+              extra_env: dict[str, str] | None = None) -> Iterator[S3Server]:
+    """A moto S3 server on a free 127.0.0.1 port with `bucket` created; stopped on exit."""
+    info = localstack.start_s3(Path(state_dir), bucket, extra_env=extra_env)
+    try:
+        yield S3Server(endpoint=info.endpoint, bucket=bucket, env=info.env, info=info)
+    finally:
+        info.proc.stop()
+
+
+@contextlib.contextmanager
+def ray_cluster(state_dir: Path, s3: S3Server | None = None,
+                num_cpus: int = localstack.DEFAULT_NUM_CPUS) -> Iterator[RayCluster]:
+    """A Ray head (token auth, job API) whose jobs see `s3`'s AWS_* variables; stopped on exit."""
+    s3_env = s3.env if s3 is not None else {}
+    info = localstack.start_ray_head(Path(state_dir), num_cpus=num_cpus, extra_env=s3_env)
+    cluster = RayCluster(address=info.address, env={**s3_env, **info.client_env()}, info=info)
+    try:
+        yield cluster
+    finally:
+        try:
+            cluster.stop_running_jobs()
+        finally:
+            localstack.stop_ray_head(info)
