@@ -2,13 +2,18 @@
 
 Both offer the same four things — rank, world size, the latest checkpoint, and report() — so the
 training loop in job/worker.py is identical in and out of Ray.
+
+Resume point: the newest *complete* checkpoint found in storage (highest global step whose
+variables.npz and progress.json are both there), not only the one Ray's controller registered. A
+worker that dies right after a report can leave its newest checkpoint uploaded but unregistered
+(GUIDE §2 pitfall 14); scanning storage keeps lost work within one checkpoint interval.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,14 +21,68 @@ from typing import Any
 
 from job import storage
 from job.config import TrainConfig
+from job.errors import UserError
+
+PROGRESS = "progress.json"
+VARIABLES = "variables.npz"
+
+
+def checkpoint_root(cfg: TrainConfig) -> str:
+    """<output>/checkpoints/<run name>: Ray's storage_path/name, and the in-process layout too."""
+    return storage.join(cfg.output, "checkpoints", cfg.run_name or "run")
+
+
+def complete_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(global_step, url) of every complete checkpoint under `root`, oldest first."""
+    if not storage.exists(root):
+        return []
+    files = storage.listdir(root)
+    dirs: dict[str, set[str]] = {}
+    for url in files:
+        rel = url[len(root):].strip("/").split("/")
+        if len(rel) == 2 and rel[0].startswith("checkpoint_"):
+            dirs.setdefault(rel[0], set()).add(rel[1])
+    found = []
+    for name, names in dirs.items():
+        if {PROGRESS, VARIABLES} <= names:
+            url = storage.join(root, name)
+            try:
+                step = int(json.loads(storage.read_text(storage.join(url, PROGRESS)))["progress"]["global_step"])
+            except (UserError, ValueError, KeyError, TypeError):
+                continue  # unreadable, or pruned by Ray's checkpoint manager since the listing
+            found.append((step, url))
+    return sorted(found)
+
+
+@contextlib.contextmanager
+def _newest_downloaded(found: list[tuple[int, str]]) -> Iterator[str]:
+    """Download the newest checkpoint that still downloads completely."""
+    last_error: Exception | None = None
+    for _step, url in reversed(found):
+        tmp = tempfile.mkdtemp(prefix="charlstm-restore-")
+        try:
+            try:
+                storage.download_dir(url, tmp)
+            except UserError as exc:
+                last_error = exc  # vanished (pruned) between listing and download: take the next newest
+                continue
+            yield tmp
+            return
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    raise UserError(f"no listed checkpoint could be downloaded ({last_error}); re-run to retry")
 
 
 class Session:
     rank = 0
     world_size = 1
 
+    def __init__(self, cfg: TrainConfig):
+        self.root = checkpoint_root(cfg)
+
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[str] | None:
-        raise NotImplementedError
+        found = complete_checkpoints(self.root)
+        return _newest_downloaded(found) if found else None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         raise NotImplementedError
@@ -33,80 +92,46 @@ class Session:
             print(line, flush=True)
 
 
-_CKPT = re.compile(r"checkpoint_(\d{9})/?$")
-
-
 class LocalSession(Session):
-    """In-process run: checkpoints under <output>/checkpoints/local/checkpoint_<step>, the newest
-    `checkpoints_to_keep` kept (the exported best model lives in <output>/model)."""
+    """In-process run: checkpoints under <output>/checkpoints/<run>/checkpoint_<step>, newest kept."""
 
     def __init__(self, cfg: TrainConfig):
-        self.root = storage.join(cfg.output, "checkpoints", "local")
+        super().__init__(cfg)
         self.keep = cfg.checkpoints_to_keep
-
-    def _existing(self) -> list[str]:
-        if not storage.exists(self.root):
-            return []
-        found = set()
-        for url in storage.listdir(self.root):
-            rel = url[len(self.root):].lstrip("/").split("/")[0]
-            if _CKPT.match(rel) and url.endswith("progress.json"):
-                found.add(rel)
-        return sorted(found)
-
-    def latest_checkpoint(self):
-        names = self._existing()
-        if not names:
-            return None
-
-        @contextlib.contextmanager
-        def fetch() -> Iterator[str]:
-            tmp = tempfile.mkdtemp(prefix="charlstm-restore-")
-            try:
-                storage.download_dir(storage.join(self.root, names[-1]), tmp)
-                yield tmp
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-
-        return fetch()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if checkpoint_dir is None:
             return
-        name = f"checkpoint_{int(metrics.get('global_step', 0)):09d}"
-        # progress.json is uploaded last: a checkpoint only counts once it is there.
-        target = storage.join(self.root, name)
-        for fname in sorted(os.listdir(checkpoint_dir), key=lambda n: n == "progress.json"):
-            with open(os.path.join(checkpoint_dir, fname), "rb") as f:
-                storage.write_bytes(storage.join(target, fname), f.read())
-        for old in self._existing()[: -self.keep]:
-            storage.delete(storage.join(self.root, old), recursive=True)
+        target = storage.join(self.root, f"checkpoint_{int(metrics.get('global_step', 0)):09d}")
+        # progress.json goes last: a checkpoint only counts once it is there.
+        for name in sorted(os.listdir(checkpoint_dir), key=lambda n: n == PROGRESS):
+            with open(os.path.join(checkpoint_dir, name), "rb") as f:
+                storage.write_bytes(storage.join(target, name), f.read())
+        for _step, old in complete_checkpoints(self.root)[: -self.keep]:
+            storage.delete(old, recursive=True)
 
 
 class RaySession(Session):
-    """Inside a Ray Train worker (TensorflowTrainer)."""
+    """Inside a Ray Train worker (TensorflowTrainer); Ray uploads, registers and prunes checkpoints."""
 
-    def __init__(self):
+    def __init__(self, cfg: TrainConfig):
         import ray.train
 
+        super().__init__(cfg)
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
 
-    def latest_checkpoint(self):
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        return ckpt.as_directory() if ckpt else None
-
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import math
+
         import ray.train
 
-        clean = {k: (1e9 if isinstance(v, float) and v != v or v in (float("inf"),) else v)
-                 for k, v in metrics.items()}
+        # Ray orders checkpoints by val_loss; JSON has no infinity.
+        clean = {k: (1e9 if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(clean, checkpoint=checkpoint)
 
 
 def detect_session(cfg: TrainConfig, in_ray: bool) -> Session:
-    return RaySession() if in_ray else LocalSession(cfg)
+    return RaySession(cfg) if in_ray else LocalSession(cfg)

@@ -440,10 +440,13 @@ def listdir(url: str) -> list[str]:
         fs, path = _fsspec(url)
         if _scheme(url) in ("s3", "s3a") and "/" not in path:
             fs.call_s3("head_bucket", Bucket=path)  # a missing bucket is an error, not an empty listing
-        found = fs.find(path)
+        found = fs.find(path, detail=True)
         root = path.rstrip("/")
         out = []
-        for item in found:
+        for item, info in found.items():
+            # pyarrow (Ray's checkpoint writer) leaves "dir/" marker objects: they are not files.
+            if info.get("type") == "directory" or item.endswith("/"):
+                continue
             item = item.split("://", 1)[-1] if "://" in item else item
             if item == root:
                 out.append(url)

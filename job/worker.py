@@ -184,6 +184,25 @@ class Trainer:
 
         self._score = HeldOutScorer(cfg, model, vocab_size)
 
+    def _check_workers_agree(self) -> None:
+        """Every worker must start from the same step, or the collectives would pair different steps."""
+        if self.world == 1:
+            return
+        tf, strategy = self.tf, self.strategy
+        step = float(self.progress.global_step)
+
+        @tf.function
+        def total(x):
+            def replica(v):
+                return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(v))
+
+            return strategy.experimental_local_results(strategy.run(replica, (x,)))[0]
+
+        summed = float(total(tf.constant(step)))
+        if abs(summed - step * self.world) > 0.5:
+            raise RuntimeError(f"workers resumed from different checkpoints (step {step:.0f} here, "
+                               f"sum {summed:.0f} over {self.world}); the group will be restarted")
+
     def _zero_states(self):
         if not self.cfg.stateful:
             return []
@@ -217,6 +236,7 @@ class Trainer:
                              f"step {self.progress.step_in_epoch} of the next epoch, "
                              f"global step {self.progress.global_step}")
         self._compile_steps()
+        self._check_workers_agree()
         p = self.progress
         self.session.log(
             f"training {cfg.preset}: {len(self.train_ids):,} train chars, {len(self.ids) - self.split:,} held-out "

@@ -414,3 +414,14 @@ def test_access_denied_is_user_error(iam_s3, monkeypatch):
     with pytest.raises(UserError, match="access denied"):
         storage.read_text("s3://locked/k.txt")
 
+
+
+def test_directory_markers_are_not_files(s3_server, s3_prefix):
+    """pyarrow (Ray's checkpoint writer) creates `dir/` marker objects; listings must skip them."""
+    from job import storage
+
+    bucket, key = s3_prefix[len("s3://"):].split("/", 1)
+    client = s3_server.client()
+    client.put_object(Bucket=bucket, Key=f"{key}/ckpt/", Body=b"")
+    client.put_object(Bucket=bucket, Key=f"{key}/ckpt/a.txt", Body=b"a")
+    assert storage.listdir(f"{s3_prefix}/ckpt") == [f"{s3_prefix}/ckpt/a.txt"]

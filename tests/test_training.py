@@ -67,7 +67,7 @@ def test_default_export_maps_ids_to_logits(tiny_corpus, tmp_path):
 
 
 def _latest_variables(out: Path) -> dict:
-    ckpts = sorted((out / "checkpoints" / "local").glob("checkpoint_*"))
+    ckpts = sorted((out / "checkpoints" / "run").glob("checkpoint_*"))
     arrays = np.load(ckpts[-1] / "variables.npz")
     return {k: arrays[k] for k in arrays.files}
 
@@ -116,12 +116,12 @@ def test_checkpoint_every_steps_and_mid_epoch_resume(tiny_corpus, tmp_path):
     out = tmp_path / "out"
     cfg = make_cfg("default", tiny_corpus, out, epochs=1, checkpoint_every_steps=10, checkpoints_to_keep=3)
     final = train_func(cfg.to_dict())
-    names = sorted(p.name for p in (out / "checkpoints" / "local").glob("checkpoint_*"))
+    names = sorted(p.name for p in (out / "checkpoints" / "run").glob("checkpoint_*"))
     steps = [int(n.split("_")[1]) for n in names]
     assert len(steps) == 3  # the newest three are kept
     assert steps[-1] == final["global_step"] and final["global_step"] % 10 != 0  # the epoch-end one
     assert [s % 10 for s in steps[:-1]] == [0, 0]  # and the step ones before it
     # Without the epoch-end checkpoint the next run resumes mid-epoch, from the last step checkpoint.
-    shutil.rmtree(out / "checkpoints" / "local" / names[-1])
+    shutil.rmtree(out / "checkpoints" / "run" / names[-1])
     resumed = train_func(make_cfg("default", tiny_corpus, out, epochs=1, checkpoint_every_steps=10).to_dict())
     assert resumed["epoch"] == 1 and resumed["global_step"] == final["global_step"]
