@@ -32,8 +32,39 @@ def filter_logits(logits: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor) -> tf.T
     return tf.where(logits < cutoff[:, None], neg_inf, logits)
 
 
-def choose(logits: tf.Tensor, temperature, top_k, top_p, seed: tf.Tensor) -> tf.Tensor:
-    """Next ids (batch,) from logits (batch, vocab): greedy when temperature == 0."""
+_MASK = 0xFFFFFFFF
+
+
+def _mix32(x: tf.Tensor) -> tf.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) in int64 arithmetic; multipliers < 2**31 so no
+    product overflows int64."""
+    x = tf.bitwise.bitwise_and(x, _MASK)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+    x = tf.bitwise.bitwise_and(x * 0x7FEB352D, _MASK)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
+    x = tf.bitwise.bitwise_and(x * 0x2C1B3C6D, _MASK)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+
+
+def row_keys(seed: int | tf.Tensor, sample_ids: tf.Tensor) -> tf.Tensor:
+    """One random stream per sample: depends on (seed, sample id) only, never on batch composition, so
+    the same --seed gives the same samples however they are batched or spread over workers."""
+    seed = tf.cast(seed, tf.int64)
+    return _mix32(_mix32(seed) ^ _mix32(tf.cast(sample_ids, tf.int64) + 0x9E3779B9))
+
+
+def gumbel(keys: tf.Tensor, step: tf.Tensor, vocab: int | tf.Tensor) -> tf.Tensor:
+    """Gumbel(0, 1) noise (batch, vocab), a pure function of (key, step, vocab index)."""
+    per_step = _mix32(keys ^ _mix32(tf.cast(step, tf.int64) * 0x61C88647 + 1))
+    per_char = _mix32(tf.range(tf.cast(vocab, tf.int64), dtype=tf.int64) + 0x5BD1E995)
+    bits = _mix32(per_step[:, None] ^ per_char[None, :])
+    u = (tf.cast(bits, tf.float32) + 0.5) / 4294967296.0  # in (0, 1)
+    return -tf.math.log(-tf.math.log(u))
+
+
+def choose(logits: tf.Tensor, temperature, top_k, top_p, keys: tf.Tensor, step) -> tf.Tensor:
+    """Next ids (batch,) from logits (batch, vocab): greedy when temperature == 0, otherwise a draw from
+    softmax(logits / temperature) restricted to top-k / top-p (Gumbel-max with per-sample noise)."""
     logits = tf.cast(logits, tf.float32)
 
     def greedy():
@@ -41,7 +72,8 @@ def choose(logits: tf.Tensor, temperature, top_k, top_p, seed: tf.Tensor) -> tf.
 
     def sampled():
         filtered = filter_logits(logits / temperature, top_k, top_p)
-        return tf.random.stateless_categorical(filtered, 1, seed=seed, dtype=tf.int32)[:, 0]
+        noise = gumbel(keys, step, tf.shape(logits)[-1])
+        return tf.argmax(filtered + noise, axis=-1, output_type=tf.int32)
 
     return tf.cond(temperature > 0, sampled, greedy)
 
@@ -60,19 +92,23 @@ class Sampler:
         )
 
     def generate(self, prompts: np.ndarray, length: int, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: tuple[int, int] = (0, 0)) -> np.ndarray:
-        """prompts: int32 (batch, P) with P >= 1 (the tutorial presets need P == seq_len)."""
+                 top_p: float = 1.0, seed: int = 0, sample_ids: np.ndarray | None = None) -> np.ndarray:
+        """prompts: int32 (batch, P), P >= 1 (tutorial presets use the last seq_len characters).
+
+        Sample i's randomness depends only on (seed, sample_ids[i]) (default: its row index)."""
         prompts = np.asarray(prompts, dtype=np.int32)
         if prompts.ndim != 2 or prompts.shape[1] < 1:
             raise ValueError(f"prompts must be (batch, length >= 1), got shape {prompts.shape}")
+        if sample_ids is None:
+            sample_ids = np.arange(len(prompts))
+        keys = row_keys(int(seed), tf.constant(np.asarray(sample_ids, dtype=np.int64)))
         out = self._fn(
             tf.constant(prompts), tf.constant(int(length)), tf.constant(float(temperature)),
-            tf.constant(int(top_k)), tf.constant(float(top_p)), tf.constant(seed, dtype=tf.int64),
-            prompts.shape[1] > 1,
+            tf.constant(int(top_k)), tf.constant(float(top_p)), keys, prompts.shape[1] > 1,
         )
         return out.numpy()
 
-    def _generate_embedding(self, prompts, length, temperature, top_k, top_p, seed, prime: bool):
+    def _generate_embedding(self, prompts, length, temperature, top_k, top_p, keys, prime: bool):
         batch = tf.shape(prompts)[0]
         layers = model_lib.lstm_layers(self.model)
         embed = self.model.get_layer("embed")
@@ -92,7 +128,7 @@ class Sampler:
 
         def body(t, ids, states, out):
             logits, states = step(ids, states)
-            nxt = choose(logits, temperature, top_k, top_p, tf.stack([seed[0], seed[1] + tf.cast(t, tf.int64)]))
+            nxt = choose(logits, temperature, top_k, top_p, keys, t)
             return t + 1, nxt, states, out.write(t, nxt)
 
         out = tf.TensorArray(tf.int32, size=length)
@@ -101,13 +137,13 @@ class Sampler:
         )
         return tf.transpose(out.stack())
 
-    def _generate_window(self, prompts, length, temperature, top_k, top_p, seed, prime: bool):
+    def _generate_window(self, prompts, length, temperature, top_k, top_p, keys, prime: bool):
         window = prompts[:, -self.seq_len:]
 
         def body(t, window, out):
             probs = self.model(model_lib.scale_ids(window, self.vocab_size), training=False)
             logits = tf.math.log(tf.maximum(tf.cast(probs, tf.float32), 1e-30))
-            nxt = choose(logits, temperature, top_k, top_p, tf.stack([seed[0], seed[1] + tf.cast(t, tf.int64)]))
+            nxt = choose(logits, temperature, top_k, top_p, keys, t)
             window = tf.concat([window[:, 1:], nxt[:, None]], axis=1)
             return t + 1, window, out.write(t, nxt)
 

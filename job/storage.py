@@ -411,6 +411,20 @@ def write_bytes(url: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def remove_stale_temps(url: str) -> int:
+    """Delete temporary files that an interrupted local write left in folder `url` (S3 leaves none).
+    Only for folders no other process is writing to. Returns how many were removed."""
+    if not is_local(url) or not os.path.isdir(local_path(url)):
+        return 0
+    removed = 0
+    for name in os.listdir(local_path(url)):
+        if name.startswith(".") and name.endswith(".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(local_path(url), name))
+                removed += 1
+    return removed
+
+
 def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode("utf-8"))
 

@@ -7,11 +7,10 @@ local Ray instance, so the same command works on a laptop, a Ray cluster and a K
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
-from job import storage
+from job import cluster, storage
 from job.config import TrainConfig, load_train_config
 from job.errors import UserError, run_cli
 
@@ -36,21 +35,13 @@ def run_name(cfg: TrainConfig) -> str:
 
 
 def launch_ray(cfg: TrainConfig) -> dict[str, Any]:
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     from job.worker import train_func
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=True)
-        else:
-            # "local" avoids joining a stale cluster recorded in /tmp/ray (GUIDE §2 pitfall 13).
-            need = cfg.num_workers * cfg.cpus_per_worker
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
-                     include_dashboard=False, log_to_driver=True)
-    _check_capacity(cfg)
+    cluster.connect(cfg.num_workers, cfg.cpus_per_worker)
+    cluster.check_capacity(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
     filesystem, path = storage.pyarrow_filesystem(storage.join(cfg.output, "checkpoints"))
     resources = {"CPU": cfg.cpus_per_worker}
     trainer = TensorflowTrainer(
@@ -74,25 +65,6 @@ def launch_ray(cfg: TrainConfig) -> dict[str, Any]:
     if result.error:
         raise result.error
     return result.return_value or {}
-
-
-def _check_capacity(cfg: TrainConfig) -> None:
-    """Refuse at once when the cluster can never fit the workers (instead of waiting forever)."""
-    import ray
-
-    total = ray.cluster_resources()
-    cpus = total.get("CPU", 0.0)
-    gpus = total.get("GPU", 0.0)
-    if cfg.num_workers * cfg.cpus_per_worker > cpus:
-        raise UserError(
-            f"the Ray cluster has {cpus:g} CPUs but {cfg.num_workers} workers x {cfg.cpus_per_worker:g} "
-            "CPUs were asked for; lower --num-workers / --cpus-per-worker or add nodes"
-        )
-    if cfg.use_gpu and cfg.num_workers > gpus:
-        raise UserError(
-            f"the Ray cluster has {gpus:g} GPUs but --use-gpu with {cfg.num_workers} workers needs one each; "
-            "lower --num-workers or add GPU nodes"
-        )
 
 
 def main(argv: list[str] | None = None) -> int:

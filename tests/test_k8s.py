@@ -518,17 +518,21 @@ def test_train_entrypoint_flags_are_accepted_by_the_cli(rendered):
     assert cfg.num_workers == sum(g["replicas"] for g in workers)
 
 
-@pytest.mark.xfail(not importlib.util.find_spec("job.generate"), reason="generation job not built yet",
-                   strict=True)
 def test_generate_entrypoint_flags_are_accepted_by_the_cli(rendered):
     args = _entrypoint_args(rendered, "generate")
     import job.generate
+    from job.errors import UserError
 
     try:
-        ns = job.generate.build_parser().parse_args(args)
+        ns = job.generate.parser().parse_args(args)
+        cfg = job.generate.GenerateConfig(**vars(ns)).validate()
     except SystemExit:
         pytest.fail(f"python -m job.generate rejects the RayJob's flags: {args}")
-    assert ns.model.startswith("s3://") and ns.output.startswith("s3://")
+    except UserError as exc:
+        pytest.fail(f"python -m job.generate rejects the RayJob's settings: {exc}")
+    assert cfg.model.startswith("s3://") and cfg.output.startswith("s3://") and cfg.use_gpu
+    workers = rayjob(rendered, "generate")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert cfg.num_workers == sum(g["replicas"] for g in workers)
 
 
 def test_generation_reads_the_model_training_writes(rendered):

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from job import model as model_lib
 from job.config import PRESETS, TrainConfig
-from job.sample import Sampler, choose, filter_logits
+from job.sample import Sampler, choose, filter_logits, row_keys
 
 V = 11
 
@@ -55,10 +55,11 @@ def test_top_k_and_top_p_filtering():
 def test_temperature_sampling_follows_the_distribution():
     probs = np.array([0.6, 0.25, 0.1, 0.05])
     logits = tf.constant(np.log(np.tile(probs, (40000, 1))), tf.float32)
-    draws = choose(logits, tf.constant(1.0), tf.constant(0), tf.constant(1.0), tf.constant([3, 4], tf.int64))
+    keys = row_keys(3, tf.range(40000))
+    draws = choose(logits, tf.constant(1.0), tf.constant(0), tf.constant(1.0), keys, tf.constant(4))
     freq = np.bincount(np.asarray(draws), minlength=4) / 40000
     np.testing.assert_allclose(freq, probs, atol=0.01)
-    greedy = choose(logits, tf.constant(0.0), tf.constant(0), tf.constant(1.0), tf.constant([3, 4], tf.int64))
+    greedy = choose(logits, tf.constant(0.0), tf.constant(0), tf.constant(1.0), keys, tf.constant(4))
     assert set(np.asarray(greedy).tolist()) == {0}
 
 
@@ -67,12 +68,12 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(preset, units):
     cfg, model = build(preset, units)
     sampler = Sampler(model, cfg.input_mode, V, 9)
     prompt = np.random.default_rng(2).integers(0, V, (4, 9)).astype(np.int32)
-    a = sampler.generate(prompt, 30, temperature=1.5, seed=(1, 2))
-    b = sampler.generate(prompt, 30, temperature=1.5, seed=(1, 2))
-    c = sampler.generate(prompt, 30, temperature=1.5, seed=(9, 9))
+    a = sampler.generate(prompt, 30, temperature=1.5, seed=12)
+    b = sampler.generate(prompt, 30, temperature=1.5, seed=12)
+    c = sampler.generate(prompt, 30, temperature=1.5, seed=99)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     greedy = sampler.generate(prompt, 30, temperature=0.0)
-    assert np.array_equal(sampler.generate(prompt, 30, temperature=1.5, top_k=1, seed=(5, 5)), greedy)
+    assert np.array_equal(sampler.generate(prompt, 30, temperature=1.5, top_k=1, seed=55), greedy)
 
 
 def test_one_character_prompt():
@@ -80,3 +81,16 @@ def test_one_character_prompt():
     out = Sampler(model, "embedding", V, 100).generate(np.array([[3], [4]], np.int32), 5, temperature=0.0)
     expected = np.asarray(model(np.array([[3], [4]], np.int32), training=False))[:, -1].argmax(-1)
     assert out.shape == (2, 5) and np.array_equal(out[:, 0], expected)
+
+
+def test_samples_do_not_depend_on_batch_composition():
+    cfg, model = build("default", [12])
+    sampler = Sampler(model, "embedding", V, 100)
+    prompts = np.random.default_rng(4).integers(0, V, (6, 5)).astype(np.int32)
+    ids = np.arange(100, 106)
+    whole = sampler.generate(prompts, 25, temperature=1.0, top_p=0.9, seed=7, sample_ids=ids)
+    halves = np.concatenate([sampler.generate(prompts[i : i + 3], 25, temperature=1.0, top_p=0.9, seed=7,
+                                              sample_ids=ids[i : i + 3]) for i in (0, 3)])
+    assert np.array_equal(whole, halves)
+    shuffled = sampler.generate(prompts[::-1], 25, temperature=1.0, top_p=0.9, seed=7, sample_ids=ids[::-1])
+    assert np.array_equal(whole, shuffled[::-1])

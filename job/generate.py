@@ -1,0 +1,328 @@
+"""`python -m job.generate`: thousands of samples from a trained model, in shards, across Ray workers.
+
+Samples are cut into fixed shards (`--shard-size`); each Ray worker loads the model once and generates
+whole shards, batching all samples of a batch into one compiled call per character. Every shard is
+written atomically to <output>/samples/part-NNNNN.jsonl.gz; <output>/manifest.json is written last.
+Re-running the same command skips complete shards (resume, no duplicates). A sample's randomness
+depends only on (--seed, sample id), and shard composition never depends on the number of workers,
+so the same --seed gives byte-identical output with 1 or N workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from job import prompts as prompt_lib
+from job import storage
+from job.corpus import Vocab
+from job.errors import UserError, run_cli
+
+SAMPLES_DIR = "samples"
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class GenerateConfig:
+    model: str = ""
+    output: str = ""
+    num_samples: int = 1
+    length: int = 500
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    prompt: str | None = None
+    prompts: str | None = None
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    batch_size: int = 256
+    shard_size: int = 1000
+    unknown_chars: str = "error"
+    print_samples: bool = False
+    in_process: bool = False
+
+    def validate(self) -> GenerateConfig:
+        checks = [
+            (self.num_samples >= 1, f"--num-samples must be >= 1 (got {self.num_samples})"),
+            (self.length >= 1, f"--length must be >= 1 (got {self.length})"),
+            (self.temperature >= 0, f"--temperature must be >= 0, 0 meaning greedy (got {self.temperature})"),
+            (self.top_k >= 0, f"--top-k must be >= 0, 0 meaning off (got {self.top_k})"),
+            (0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})"),
+            (self.num_workers >= 1, f"--num-workers must be >= 1 (got {self.num_workers})"),
+            (self.cpus_per_worker > 0, f"--cpus-per-worker must be > 0 (got {self.cpus_per_worker})"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
+            (self.shard_size >= 1, f"--shard-size must be >= 1 (got {self.shard_size})"),
+            (not (self.prompt is not None and self.prompts), "give --prompt or --prompts, not both"),
+            (self.prompt is None or self.prompt != "", "--prompt must not be empty"),
+            (bool(self.model), "--model is required: the training --output URL or its model/ folder"),
+            (bool(self.output), "--output is required: a local folder or s3:// prefix for the samples"),
+            (not (self.in_process and self.num_workers > 1), "--in-process runs one worker; drop --num-workers"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        return self
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m job.generate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="Training --output URL or its model/ folder (s3:// or local).")
+    p.add_argument("--output", required=True, help="Where samples/ and manifest.json go (s3:// or local).")
+    p.add_argument("--num-samples", type=int, default=1, help="How many samples (default 1).")
+    p.add_argument("--length", type=int, default=500, help="Characters generated per sample (default 500).")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="Softmax temperature; 0 = greedy argmax, the tutorial's behaviour (default 1.0).")
+    p.add_argument("--top-k", type=int, default=0, help="Sample among the k likeliest characters (0 = off).")
+    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass in (0, 1] (1 = off).")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="One prompt for every sample.")
+    src.add_argument("--prompts", help="File/URL of prompts: one per line, or JSONL ({\"prompt\": ...}); "
+                     "sample i uses prompt i modulo their number. Default: random corpus seeds, as the tutorial.")
+    p.add_argument("--seed", type=int, default=0, help="Seed: same seed, same samples, whatever the workers.")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray workers, each loading the model once.")
+    p.add_argument("--use-gpu", action="store_true", help="One GPU per worker.")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1).")
+    p.add_argument("--batch-size", type=int, default=256, help="Samples advanced together per step (default 256).")
+    p.add_argument("--shard-size", type=int, default=1000, help="Samples per output shard (default 1000).")
+    p.add_argument("--unknown-chars", choices=("error", "skip"), default="error",
+                   help="Prompt characters outside the vocabulary: error (default) or skip them.")
+    p.add_argument("--print", dest="print_samples", action="store_true", help="Also print every sample to stdout.")
+    p.add_argument("--in-process", action="store_true", help="Generate in this process without Ray.")
+    return p
+
+
+# ---------------------------------------------------------------- the plan (TensorFlow-free)
+@dataclass
+class Plan:
+    cfg: GenerateConfig
+    model_url: str
+    model_config: dict[str, Any]
+    vocab_chars: tuple[str, ...]
+    prompts: list[str] = field(default_factory=list)  # one per sample
+
+    @property
+    def shards(self) -> list[tuple[int, int]]:
+        """(first id, end id) of every shard; fixed by --num-samples and --shard-size alone."""
+        n, size = self.cfg.num_samples, self.cfg.shard_size
+        return [(start, min(n, start + size)) for start in range(0, n, size)]
+
+    def shard_url(self, index: int) -> str:
+        return storage.join(self.cfg.output, SAMPLES_DIR, f"part-{index:05d}.jsonl.gz")
+
+    def record_params(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"temperature": c.temperature, "top_k": c.top_k, "top_p": c.top_p, "seed": c.seed,
+                "model": self.model_url}
+
+
+def make_plan(cfg: GenerateConfig) -> Plan:
+    from job import corpus as corpus_lib
+    from job import export
+
+    folder = export.resolve(cfg.model)
+    try:
+        model_config = json.loads(storage.read_text(storage.join(folder, export.CONFIG_FILE)))
+    except ValueError:
+        raise UserError(f"{folder}/{export.CONFIG_FILE} is not valid JSON; re-export the model") from None
+    vocab = Vocab.from_json(storage.read_text(storage.join(folder, export.VOCAB_FILE)))
+    if model_config.get("vocab_size") not in (None, len(vocab)):
+        raise UserError(f"{folder}/vocab.json has {len(vocab)} characters but the model was exported with "
+                        f"{model_config['vocab_size']}; the vocab does not belong to this model")
+    if not storage.exists(storage.join(folder, export.MODEL_FILE)):
+        raise UserError(f"{folder} has no {export.MODEL_FILE}; give the training --output of a finished run")
+    lowercase = model_config.get("lowercase", True)
+    seq_len = int(model_config.get("seq_len", 100))
+    if cfg.prompt is not None:
+        base = [cfg.prompt]
+    elif cfg.prompts:
+        base = prompt_lib.from_file(cfg.prompts)
+    else:
+        text = corpus_lib.load(model_config["corpus"], lowercase=lowercase).text
+        base = prompt_lib.corpus_seeds(text, cfg.num_samples, seq_len, cfg.seed)
+    if lowercase:
+        base = [p.lower() for p in base]
+    encoded = prompt_lib.encode_all(base, vocab, cfg.unknown_chars == "skip")
+    cleaned = [vocab.decode(ids) for ids in encoded]
+    prompts = [cleaned[i % len(cleaned)] for i in range(cfg.num_samples)]
+    return Plan(cfg=cfg, model_url=folder, model_config=model_config, vocab_chars=vocab.chars, prompts=prompts)
+
+
+def shard_bytes(records: list[dict[str, Any]]) -> bytes:
+    body = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records).encode()
+    return gzip.compress(body, mtime=0)  # mtime=0: byte-identical reruns
+
+
+def parse_shard(blob: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in gzip.decompress(blob).decode().splitlines()]
+
+
+def read_shard(url: str) -> list[dict[str, Any]]:
+    return parse_shard(storage.read_bytes(url))
+
+
+def existing_shard(plan: Plan, index: int) -> dict[str, Any] | None:
+    """Summary of a complete shard already in --output (resume), None if absent.
+
+    A shard written with other settings is refused rather than silently mixed in."""
+    url = plan.shard_url(index)
+    if not storage.exists(url):
+        return None
+    blob = storage.read_bytes(url)
+    try:
+        records = parse_shard(blob)
+    except (OSError, EOFError, ValueError):
+        return None  # unreadable (not ours): regenerate over it
+    start, end = plan.shards[index]
+    params = plan.record_params()
+    if [r.get("id") for r in records] != list(range(start, end)) or any(
+        {k: r.get(k) for k in params} != params or r.get("prompt") != plan.prompts[r["id"]] for r in records
+    ):
+        raise UserError(f"{url} holds samples made with other settings; use a new --output or the same flags")
+    return summary(plan, index, records, blob)
+
+
+def summary(plan: Plan, index: int, records: list[dict[str, Any]], blob: bytes) -> dict[str, Any]:
+    return {"index": index, "file": f"{SAMPLES_DIR}/part-{index:05d}.jsonl.gz", "first_id": plan.shards[index][0],
+            "samples": len(records), "chars": sum(len(r["text"]) for r in records),
+            "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
+
+
+# ---------------------------------------------------------------- the work (TensorFlow)
+class ShardGenerator:
+    """Loads the model once; generates and writes whole shards."""
+
+    def __init__(self, plan: Plan):
+        from job import export
+        from job.sample import Sampler
+
+        self.plan = plan
+        exported = export.load(plan.model_url)
+        self.vocab = exported.vocab
+        cfg = exported.config
+        self.seq_len = int(cfg.get("seq_len", 100))
+        self.input_mode = cfg.get("input_mode", "embedding")
+        self.sampler = Sampler(exported.model, self.input_mode, len(self.vocab), self.seq_len)
+
+    def _prompt_ids(self, text: str) -> np.ndarray:
+        ids = self.vocab.encode(text)
+        if self.input_mode == "scaled":  # the tutorial's fixed window: last seq_len chars, left-padded
+            pad = self.vocab.index.get(" ", 0)
+            ids = np.concatenate([np.full(max(0, self.seq_len - len(ids)), pad, np.int32), ids])[-self.seq_len:]
+        return ids
+
+    def run(self, index: int) -> dict[str, Any]:
+        plan, cfg = self.plan, self.plan.cfg
+        start, end = plan.shards[index]
+        texts: dict[int, str] = {}
+        # Batches hold prompts of one length (the LSTM is primed in one call); order is fixed by ids.
+        by_length: dict[int, list[int]] = {}
+        for i in range(start, end):
+            by_length.setdefault(len(self._prompt_ids(plan.prompts[i])), []).append(i)
+        for _length, ids in sorted(by_length.items()):
+            for b in range(0, len(ids), cfg.batch_size):
+                batch = ids[b : b + cfg.batch_size]
+                prompts = np.stack([self._prompt_ids(plan.prompts[i]) for i in batch])
+                out = self.sampler.generate(prompts, cfg.length, cfg.temperature, cfg.top_k, cfg.top_p,
+                                            seed=cfg.seed, sample_ids=np.asarray(batch))
+                for i, row in zip(batch, out, strict=True):
+                    texts[i] = self.vocab.decode(row)
+        params = plan.record_params()
+        records = [{"id": i, "prompt": plan.prompts[i], "text": texts[i], **params} for i in range(start, end)]
+        blob = shard_bytes(records)
+        storage.write_bytes(plan.shard_url(index), blob)  # atomic: never a partial shard under samples/
+        return summary(plan, index, records, blob)
+
+
+def _run_in_process(plan: Plan, todo: list[int], progress) -> list[dict[str, Any]]:
+    generator = ShardGenerator(plan)
+    done = []
+    for index in todo:
+        done.append(generator.run(index))
+        progress(done[-1])
+    return done
+
+
+def _run_on_ray(plan: Plan, todo: list[int], progress) -> list[dict[str, Any]]:
+    import ray
+
+    from job import cluster
+
+    cfg = plan.cfg
+    cluster.connect(cfg.num_workers, cfg.cpus_per_worker)
+    cluster.check_capacity(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
+    actor_cls = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)(ShardGenerator)
+    workers = [actor_cls.remote(plan) for _ in range(min(cfg.num_workers, len(todo)))]
+    pool = ray.util.ActorPool(workers)
+    done = []
+    for result in pool.map_unordered(lambda w, i: w.run.remote(i), todo):
+        done.append(result)
+        progress(result)
+    return done
+
+
+def write_manifest(plan: Plan, shards: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    cfg = plan.cfg
+    params = {k: v for k, v in asdict(cfg).items() if k not in ("print_samples", "in_process", "model", "output")}
+    manifest = {
+        "num_samples": sum(s["samples"] for s in shards),
+        "total_chars": sum(s["chars"] for s in shards),
+        "shards": sorted(shards, key=lambda s: s["index"]),
+        "parameters": params,
+        "model": {"url": plan.model_url, "sha256": plan.model_config.get("model_sha256"),
+                  "config": plan.model_config},
+        "seconds": seconds,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_text(storage.join(cfg.output, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    cfg = GenerateConfig(**vars(args)).validate()
+    plan = make_plan(cfg)
+    started = time.monotonic()
+    storage.remove_stale_temps(storage.join(cfg.output, SAMPLES_DIR))  # left by an interrupted run
+    existing = {i: s for i in range(len(plan.shards)) if (s := existing_shard(plan, i)) is not None}
+    todo = [i for i in range(len(plan.shards)) if i not in existing]
+    if existing:
+        print(f"resuming: {len(existing)} of {len(plan.shards)} shards already complete", flush=True)
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.num_samples, initial=sum(s["samples"] for s in existing.values()), unit="sample",
+               file=sys.stderr, mininterval=1.0, disable=None)
+    chars = [0]
+
+    def progress(result: dict[str, Any]) -> None:
+        chars[0] += result["chars"]
+        bar.update(result["samples"])
+        bar.set_postfix(chars_per_s=f"{chars[0] / max(time.monotonic() - started, 1e-9):,.0f}")
+
+    runner = _run_in_process if cfg.in_process else _run_on_ray
+    fresh = runner(plan, todo, progress) if todo else []
+    bar.close()
+    seconds = time.monotonic() - started
+    manifest = write_manifest(plan, [*existing.values(), *fresh], seconds)
+    if cfg.print_samples:
+        for shard in manifest["shards"]:
+            for record in read_shard(storage.join(cfg.output, shard["file"])):
+                print(record["prompt"] + record["text"], flush=True)
+    new_chars = sum(s["chars"] for s in fresh)
+    print(json.dumps({"samples": manifest["num_samples"], "chars": manifest["total_chars"],
+                      "generated_now": sum(s["samples"] for s in fresh), "seconds": round(seconds, 3),
+                      "chars_per_sec": round(new_chars / max(seconds, 1e-9), 1)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
