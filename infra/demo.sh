@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make demo`: a local S3 server and Ray head on 127.0.0.1, Alice uploaded, a short 2-worker training
-# job and an evaluation sent with `ray job submit`, the results listed from the bucket, the stack stopped.
+# `make demo`: a local S3 server and Ray head on 127.0.0.1, Alice uploaded, a short 2-worker training job,
+# an evaluation and a 2-worker generation job sent with `ray job submit`, results listed, the stack stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -28,11 +28,16 @@ eval "$($PY -m infra.localstack env --state-dir "$STATE")"
 echo "== training: ray job submit (2 workers, default preset, a few minutes at most)"
 $RAY job submit --working-dir . -- python -m job.train \
   --corpus "s3://$BUCKET/corpora/wonderland.txt" --output "s3://$BUCKET/runs/demo" \
-  --num-workers 2 --epochs 4 --max-minutes 4 --run-name demo
+  --num-workers 2 --epochs 30 --max-minutes 3 --run-name demo
 
 echo "== held-out evaluation: ray job submit"
 $RAY job submit --working-dir . -- python -m job.evaluate \
   --model "s3://$BUCKET/runs/demo" --corpus "s3://$BUCKET/corpora/wonderland.txt"
+
+echo "== batch generation: ray job submit (2 workers, 200 samples x 300 chars)"
+$RAY job submit --working-dir . -- python -m job.generate \
+  --model "s3://$BUCKET/runs/demo" --output "s3://$BUCKET/generations/demo" \
+  --num-samples 200 --length 300 --temperature 0.8 --top-p 0.95 --num-workers 2 --shard-size 50 --seed 1
 
 echo "== what landed in the bucket"
 $PY - "$BUCKET" <<'PY'
@@ -44,4 +49,11 @@ for url in storage.listdir(root):
 samples = [u for u in storage.listdir(root + "/samples")]
 print("\n== sample text from the last epoch (", samples[-1], ")\n")
 print(storage.read_text(samples[-1]))
+gen = f"s3://{sys.argv[1]}/generations/demo"
+for url in storage.listdir(gen):
+    print("  ", url)
+from job.generate import read_shard
+first = read_shard(gen + "/samples/part-00000.jsonl.gz")[0]
+print("\n== generated sample 0 (prompt | continuation)\n")
+print(first["prompt"] + " | " + first["text"])
 PY
