@@ -65,6 +65,11 @@ class TrainConfig:
     learning_rate: float = 5e-3
     clip_norm: float = 5.0
     select_by: str = "val_loss"
+    # Regularisation and schedule (the tutorial presets use none of these).
+    input_dropout: float = 0.0  # dropout on the embeddings fed to the first LSTM
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay; biases excluded
+    lr_decay: float = 1.0  # multiply the learning rate by this after `lr_patience` epochs without improvement
+    lr_patience: int = 1
     # Data.
     val_fraction: float = 0.1
     keep_case: bool = False
@@ -122,6 +127,10 @@ class TrainConfig:
         _check(self.input_mode in ("scaled", "embedding"), "input_mode must be scaled|embedding")
         _check(self.target in ("last", "all"), "target must be last|all")
         _check(not (self.stateful and self.target != "all"), "stateful training needs target=all")
+        _check(0.0 <= self.input_dropout < 1.0, f"input_dropout must be in [0, 1) (got {self.input_dropout})")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
+        _check(0.0 < self.lr_decay <= 1.0, f"lr_decay must be in (0, 1] (got {self.lr_decay})")
+        _check(self.lr_patience >= 1, f"lr_patience must be >= 1 (got {self.lr_patience})")
         _check(self.steps_per_call >= 1, f"steps_per_call must be >= 1 (got {self.steps_per_call})")
         _check(self.checkpoints_to_keep >= 1, "checkpoints_to_keep must be >= 1")
         _check(not (self.in_process and self.num_workers > 1),

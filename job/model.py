@@ -42,6 +42,8 @@ def _build_tutorial(cfg: TrainConfig, vocab_size: int) -> keras.Model:
 def _build_embedding(cfg: TrainConfig, vocab_size: int) -> keras.Model:
     inputs = keras.Input(shape=(None,), dtype="int32", name="ids")
     x = keras.layers.Embedding(vocab_size, cfg.embed_dim, name="embed")(inputs)
+    if cfg.input_dropout > 0:
+        x = keras.layers.Dropout(cfg.input_dropout, seed=cfg.seed + 100, name="dropout_in")(x)
     for i, units in enumerate(cfg.units):
         x, _h, _c = keras.layers.LSTM(units, return_sequences=True, return_state=True, name=lstm_name(i))(x)
         x = keras.layers.Dropout(cfg.dropout, seed=cfg.seed + i, name=f"dropout_{i}")(x)
@@ -69,6 +71,8 @@ def zero_states(model: keras.Model, batch: int) -> list[tf.Tensor]:
 def run_stateful(model: keras.Model, ids: tf.Tensor, states: list[tf.Tensor], training: bool):
     """Embedding model forward pass from given LSTM states; returns (logits, new_states)."""
     x = model.get_layer("embed")(ids)
+    if any(layer.name == "dropout_in" for layer in model.layers):
+        x = model.get_layer("dropout_in")(x, training=training)
     new_states = []
     for i, layer in enumerate(lstm_layers(model)):
         x, h, c = layer(x, initial_state=[states[2 * i], states[2 * i + 1]], training=training)

@@ -37,6 +37,8 @@ class Progress:
     best_score: float = math.inf
     best_epoch: int = 0
     epoch_loss_sum: float = 0.0
+    learning_rate: float = 0.0  # current (after plateau decays); 0 = not set yet
+    epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False
 
@@ -44,13 +46,19 @@ class Progress:
 def _make_optimizer(cfg: TrainConfig):
     import keras
 
-    class PreReducedAdam(keras.optimizers.Adam):
-        """Adam that trusts the caller to have all-reduced (and clipped) the gradients already."""
+    base = keras.optimizers.AdamW if cfg.weight_decay > 0 else keras.optimizers.Adam
+
+    class PreReduced(base):
+        """Adam(W) that trusts the caller to have all-reduced (and clipped) the gradients already."""
 
         def _all_reduce_sum_gradients(self, grads_and_vars):
             return list(grads_and_vars)
 
-    opt = PreReducedAdam(learning_rate=cfg.learning_rate)
+    if cfg.weight_decay > 0:
+        opt = PreReduced(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        opt.exclude_from_weight_decay(var_names=["bias"])
+    else:
+        opt = PreReduced(learning_rate=cfg.learning_rate)
     if cfg.precision == "mixed_float16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
     return opt
@@ -138,6 +146,8 @@ class Trainer:
         for i, v in enumerate(self.optimizer.variables):
             v.assign(arrays[f"o{i}"])
         self.progress = Progress(**saved["progress"])
+        if self.progress.learning_rate:
+            self._set_learning_rate(self.progress.learning_rate)
 
     # ---------------------------------------------------------------- compiled steps
     def _compile_steps(self) -> None:
@@ -294,6 +304,16 @@ class Trainer:
                      stopped_early=p.stopped_early, global_batch=self.global_batch, workers=self.world)
         return final
 
+    def _inner_optimizer(self):
+        return getattr(self.optimizer, "inner_optimizer", self.optimizer)
+
+    def _learning_rate(self) -> float:
+        return float(np.asarray(self._inner_optimizer().learning_rate))
+
+    def _set_learning_rate(self, value: float) -> None:
+        self._inner_optimizer().learning_rate = value  # assigns the (mirrored) learning-rate variable
+        self.progress.learning_rate = value
+
     def _maybe_crash_for_test(self) -> None:
         """Test-only fault injection: the last worker dies hard once, at a given global step."""
         at, marker = os.environ.get("CHARLSTM_TEST_CRASH_AT_STEP"), os.environ.get("CHARLSTM_TEST_CRASH_MARKER")
@@ -336,6 +356,13 @@ class Trainer:
         improved = score < p.best_score
         if improved:
             p.best_score, p.best_epoch = score, p.epoch
+            p.epochs_without_improvement = 0
+        else:
+            p.epochs_without_improvement += 1
+            if cfg.lr_decay < 1.0 and p.epochs_without_improvement >= cfg.lr_patience:
+                self._set_learning_rate(self._learning_rate() * cfg.lr_decay)
+                p.epochs_without_improvement = 0
+        metrics["learning_rate"] = self._learning_rate()
         p.step_in_epoch, p.epoch_loss_sum = 0, 0.0
         if self.rank == 0:
             self.session.log(report.epoch_line(metrics))
@@ -356,7 +383,8 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         last = p.history[-1]
         keys = ("preset", "input_mode", "embed_dim", "units", "dropout", "target", "stateful", "seq_len",
-                "batch_size", "learning_rate", "clip_norm", "val_fraction", "keep_case", "seed", "precision")
+                "batch_size", "learning_rate", "clip_norm", "val_fraction", "keep_case", "seed", "precision",
+                "input_dropout", "weight_decay", "lr_decay", "lr_patience")
         return {
             **{k: getattr(cfg, k) for k in keys},
             "corpus": cfg.corpus, "corpus_sha256": self.corpus.sha256, "epoch": p.epoch,

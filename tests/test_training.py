@@ -125,3 +125,18 @@ def test_checkpoint_every_steps_and_mid_epoch_resume(tiny_corpus, tmp_path):
     shutil.rmtree(out / "checkpoints" / "run" / names[-1])
     resumed = train_func(make_cfg("default", tiny_corpus, out, epochs=1, checkpoint_every_steps=10).to_dict())
     assert resumed["epoch"] == 1 and resumed["global_step"] == final["global_step"]
+
+
+def test_regularisers_and_learning_rate_decay_on_plateau(tiny_corpus, tmp_path):
+    cfg = make_cfg("default", tiny_corpus, tmp_path / "out", epochs=5, input_dropout=0.1, weight_decay=0.01,
+                   lr_decay=0.5, lr_patience=1, learning_rate=0.3)  # far too high: the loss must stall
+    train_func(cfg.to_dict())
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    rates = [round(m["learning_rate"], 6) for m in lines]
+    assert rates[0] in (0.3, 0.15) and min(rates) < 0.3 and rates == sorted(rates, reverse=True)
+    for m, rate in zip(lines[1:], rates[1:], strict=True):  # a decay follows every non-improving epoch
+        best_before = min(x["val_loss"] for x in lines[: m["epoch"] - 1])
+        if m["val_loss"] >= best_before:
+            assert rate < rates[m["epoch"] - 2]
+    loaded = export.load(str(tmp_path / "out"))
+    assert "dropout_in" in [layer.name for layer in loaded.model.layers]
