@@ -290,6 +290,7 @@ def write_manifest(plan: Plan, shards: list[dict[str, Any]], seconds: float) -> 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cfg = GenerateConfig(**vars(args)).validate()
+    storage.check_writable(cfg.output)  # before reading the model: a bad --output fails at once
     plan = make_plan(cfg)
     started = time.monotonic()
     storage.remove_stale_temps(storage.join(cfg.output, SAMPLES_DIR))  # left by an interrupted run

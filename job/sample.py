@@ -71,7 +71,10 @@ def choose(logits: tf.Tensor, temperature, top_k, top_p, keys: tf.Tensor, step) 
         return tf.argmax(logits, axis=-1, output_type=tf.int32)
 
     def sampled():
-        filtered = filter_logits(logits / temperature, top_k, top_p)
+        scaled = logits / temperature
+        # Sorting for top-k / top-p costs more than the rest of the step: only when asked for.
+        filtered = tf.cond(tf.logical_or(top_k > 0, top_p < 1.0),
+                           lambda: filter_logits(scaled, top_k, top_p), lambda: scaled)
         noise = gumbel(keys, step, tf.shape(logits)[-1])
         return tf.argmax(filtered + noise, axis=-1, output_type=tf.int32)
 

@@ -115,9 +115,13 @@ class RaySession(Session):
     """Inside a Ray Train worker (TensorflowTrainer); Ray uploads, registers and prunes checkpoints."""
 
     def __init__(self, cfg: TrainConfig):
+        import logging
+
         import ray.train
 
         super().__init__(cfg)
+        # Ray Train logs every report and checkpoint at INFO; our one line per epoch says it better.
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()

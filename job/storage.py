@@ -22,6 +22,7 @@ raised as one-line `UserError`s by `translate_errors`; no message ever contains 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import posixpath
 import shutil
@@ -191,33 +192,65 @@ def pyarrow_filesystem(url: str) -> tuple[pyarrow.fs.FileSystem | None, str]:
     pyarrow does not read AWS_ENDPOINT_URL (GUIDE §2 pitfall 3), so for s3:// we build an S3FileSystem from
     the endpoint and region botocore resolved plus the AWS_* credentials, and return the path without the
     scheme ("bucket/prefix"), as Ray requires when a filesystem is given. Local paths: (None, absolute path).
+
+    Retries: `AwsStandardS3RetryStrategy(max_attempts=AWS_MAX_ATTEMPTS, default 4)`, with the same connect and
+    request timeouts as botocore. Ray pickles this filesystem to its controller and workers, and pyarrow's
+    own pickled form silently drops the retry strategy (the receiving process would fall back to pyarrow's
+    default of 3 attempts); the returned instance pickles to a rebuild that keeps it, and that leaves the
+    credentials out (each process takes them from its own AWS_* environment or credential chain).
+    `allow_delayed_open`: a file that fits in one part is written with a single PUT (no multipart upload).
     """
     scheme = _scheme(url)
     if scheme in ("", "file"):
         return None, os.path.abspath(local_path(url))
     if scheme not in ("s3", "s3a"):
         return None, url  # e.g. gs://: let pyarrow resolve it from the URL
-    import pyarrow.fs
-
     client = s3_filesystem().s3
     endpoint, region = client.meta.endpoint_url, client.meta.region_name
-    kwargs: dict = {
+    options: dict = {
         "region": region or "us-east-1",
         "connect_timeout": _env_float("CHARLSTM_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT),
         "request_timeout": _env_float("CHARLSTM_S3_READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
-        "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=_max_attempts()),
+        "allow_delayed_open": True,
     }
     if _is_custom_endpoint(endpoint):
         parts = urlsplit(endpoint)
-        kwargs.update(endpoint_override=parts.netloc, scheme=parts.scheme or "https")
+        options.update(endpoint_override=parts.netloc, scheme=parts.scheme or "https")
+    return _rebuild_pyarrow_s3(options, _max_attempts()), _s3_path(url)
+
+
+def _pyarrow_credentials() -> dict:
+    """Fixed keys from the AWS_* variables; none means pyarrow's default AWS chain (profile files, IRSA,
+    instance role), which, unlike fixed keys, refreshes temporary credentials."""
     if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"],
-                      secret_key=os.environ["AWS_SECRET_ACCESS_KEY"])
+        creds = {"access_key": os.environ["AWS_ACCESS_KEY_ID"], "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"]}
         if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    # Otherwise pyarrow's default AWS chain finds the credentials (profile files, IRSA, instance role) and,
-    # unlike fixed keys, refreshes temporary ones.
-    return pyarrow.fs.S3FileSystem(**kwargs), _s3_path(url)
+            creds["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+        return creds
+    return {}
+
+
+def _rebuild_pyarrow_s3(options: dict, max_attempts: int) -> pyarrow.fs.S3FileSystem:
+    """Build (or, on unpickling, rebuild) the pyarrow S3 filesystem; credentials from this process's env."""
+    return _retrying_s3_class()(options, max_attempts)
+
+
+@functools.cache
+def _retrying_s3_class() -> type:
+    import pyarrow.fs
+
+    class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
+        """pyarrow's S3FileSystem whose pickled form keeps the retry strategy and carries no credentials."""
+
+        def __init__(self, options: dict, max_attempts: int):
+            super().__init__(**options, **_pyarrow_credentials(),
+                             retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=max_attempts))
+            self.charlstm_options, self.charlstm_max_attempts = dict(options), max_attempts
+
+        def __reduce__(self):
+            return _rebuild_pyarrow_s3, (self.charlstm_options, self.charlstm_max_attempts)
+
+    return RetryingS3FileSystem
 
 
 # ------------------------------------------------------------------------------------ error translation
@@ -409,6 +442,38 @@ def write_bytes(url: str, data: bytes) -> None:
         # S3: one PUT (or a multipart upload that s3fs completes last, or aborts on failure); the object
         # appears only when that final call succeeds.
         fs.pipe_file(path, data)
+
+
+def check_writable(url: str) -> None:
+    """Refuse (UserError) an output URL that clearly cannot be written, before any work; writes nothing.
+
+    s3://: the bucket must exist and answer these credentials (one HEAD request: a missing bucket, rejected
+    credentials or an unreachable endpoint become one line). Local: the nearest existing folder on the path
+    must be a folder in which a file can be created (probed with a temporary file, removed at once; a
+    permission check alone would say yes to root on a read-only filesystem). https://: read-only.
+    """
+    scheme = _scheme(url)
+    if scheme in ("http", "https"):
+        raise UserError(f"cannot write to {url}: https URLs are read-only; write to s3:// or a path")
+    if scheme in ("s3", "s3a"):
+        with translate_errors(url):
+            s3_filesystem().call_s3("head_bucket", Bucket=_bucket(url))
+        return
+    if not is_local(url):
+        return  # another fsspec scheme: its first write reports any problem
+    target = os.path.abspath(local_path(url))
+    existing = target
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot write to {url}: {existing} is a file, not a folder; choose another --output")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".charlstm-probe-", suffix=".tmp")
+    except OSError as exc:
+        raise UserError(f"cannot write to {url}: cannot create files in {existing} "
+                        f"({exc.strerror or exc}); choose another --output or fix the permissions") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def remove_stale_temps(url: str) -> int:

@@ -7,6 +7,7 @@ local Ray instance, so the same command works on a laptop, a Ray cluster and a K
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from typing import Any
 
@@ -16,7 +17,8 @@ from job.errors import UserError, run_cli
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """Fail fast, before Ray starts or anything is written: the corpus must be usable."""
+    """Fail fast, before Ray starts or anything is written: the corpus must be usable and --output writable
+    (its bucket exists and answers these credentials, or its local folder can take files)."""
     from job import corpus as corpus_lib
     from job import data
 
@@ -28,6 +30,7 @@ def preflight(cfg: TrainConfig) -> None:
     context = 100 if cfg.target == "all" else cfg.seq_len
     if split < context + 2:
         raise UserError(f"corpus too short: {n} chars; need more than {context} before the held-out part")
+    storage.check_writable(cfg.output)
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -61,10 +64,29 @@ def launch_ray(cfg: TrainConfig) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
-    result = trainer.fit()
+    result = _fit_interruptibly(trainer)
     if result.error:
         raise result.error
     return result.return_value or {}
+
+
+def _fit_interruptibly(trainer):
+    """trainer.fit(), with Ctrl-C meaning "stop the run" and exiting like any interrupted CLI (130).
+
+    Ray Train installs its own SIGINT handler for the duration of fit(): the first Ctrl-C asks the
+    controller to abort, which stops every worker, and then the handler calls sys.exit(0) — a successful
+    exit code for a run that did not finish. Turn that into KeyboardInterrupt (run_cli: "interrupted",
+    exit 130), and put the previous handler back so that a later Ctrl-C does not reach a dead controller.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    except SystemExit as exc:
+        if signal.getsignal(signal.SIGINT) is previous:
+            raise  # not Ray Train's handler: leave it alone
+        raise KeyboardInterrupt from exc
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

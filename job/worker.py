@@ -255,6 +255,12 @@ class Trainer:
             f"({cfg.batch_size} per worker), {self.model.count_params():,} parameters"
         )
         budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+        # The budget is for the whole run, resumes included; a larger --max-minutes continues a run that
+        # had stopped on its budget.
+        p.stopped_early = p.elapsed_sec >= budget
+        if p.stopped_early:
+            self.session.log(f"time budget already spent ({p.elapsed_sec / 60:.1f} of {cfg.max_minutes:g} min); "
+                             "raise --max-minutes to train further")
         start_clock = time.monotonic() - p.elapsed_sec
         chars_per_step = self.global_batch * (cfg.seq_len if cfg.target == "all" else 1)
         over = 0.0  # becomes 1.0 once this worker's clock passes the budget
@@ -336,46 +342,51 @@ class Trainer:
                      *[np.asarray(v.numpy()) for v in self.model.trainable_variables])
 
     def _end_epoch(self, train_loss: float, chars: int, seconds: float, steps_total: int) -> None:
+        """Held-out loss, metrics line, outputs and checkpoint. An epoch cut short by the time budget is
+        recorded too (partial_epoch) but stays open: a resumed run finishes it and replaces its line."""
         cfg, p = self.cfg, self.progress
         val = self.heldout_loss()
-        p.epoch += 1
         partial = p.step_in_epoch < steps_total
+        number = p.epoch + 1
         rate = chars / max(seconds, 1e-9)
-        remaining_epochs = cfg.epochs - p.epoch
-        eta = remaining_epochs * (p.elapsed_sec / max(p.epoch, 1))
+        eta = (cfg.epochs - number) * (p.elapsed_sec / number)
         if cfg.max_minutes:
             eta = min(eta, max(0.0, cfg.max_minutes * 60 - p.elapsed_sec))
         metrics = {
-            "epoch": p.epoch, "epochs": cfg.epochs, "global_step": p.global_step,
+            "epoch": number, "epochs": cfg.epochs, "global_step": p.global_step,
             "train_loss": train_loss, "val_loss": val, "val_bpc": report.bits(val),
             "chars_per_sec": rate, "elapsed_sec": p.elapsed_sec, "eta_sec": 0.0 if p.stopped_early else eta,
             "train_chars": p.train_chars, "partial_epoch": partial, "kind": "epoch",
         }
-        p.history.append(metrics)
+        if p.history and p.history[-1]["epoch"] == number:
+            p.history[-1] = metrics
+        else:
+            p.history.append(metrics)
         score = train_loss if cfg.select_by == "train_loss" else val
         improved = score < p.best_score
         if improved:
-            p.best_score, p.best_epoch = score, p.epoch
+            p.best_score, p.best_epoch = score, number
             p.epochs_without_improvement = 0
-        else:
+        elif not partial:
             p.epochs_without_improvement += 1
             if cfg.lr_decay < 1.0 and p.epochs_without_improvement >= cfg.lr_patience:
                 self._set_learning_rate(self._learning_rate() * cfg.lr_decay)
                 p.epochs_without_improvement = 0
         metrics["learning_rate"] = self._learning_rate()
-        p.step_in_epoch, p.epoch_loss_sum = 0, 0.0
+        if not partial:
+            p.epoch, p.step_in_epoch, p.epoch_loss_sum = number, 0, 0.0
         if self.rank == 0:
             self.session.log(report.epoch_line(metrics))
-            self._write_outputs(improved)
+            self._write_outputs(improved, number)
         self._report(metrics)
 
-    def _write_outputs(self, improved: bool) -> None:
+    def _write_outputs(self, improved: bool, number: int) -> None:
         from job import export
 
         cfg, p, out = self.cfg, self.progress, self.cfg.output
         report.write_metrics(out, p.history)
         report.write_loss_plot(out, p.history, f"charlstm {cfg.preset}")
-        report.write_sample(out, p.epoch, self.vocab.decode(self.sample_prompt), self._sample_text())
+        report.write_sample(out, number, self.vocab.decode(self.sample_prompt), self._sample_text())
         if improved:
             export.save(self.model, self.vocab, self.export_config(), storage.join(self.cfg.output, "model"))
 
@@ -387,7 +398,7 @@ class Trainer:
                 "input_dropout", "weight_decay", "lr_decay", "lr_patience")
         return {
             **{k: getattr(cfg, k) for k in keys},
-            "corpus": cfg.corpus, "corpus_sha256": self.corpus.sha256, "epoch": p.epoch,
+            "corpus": cfg.corpus, "corpus_sha256": self.corpus.sha256, "epoch": last["epoch"],
             "global_step": p.global_step, "val_loss": last["val_loss"], "val_bpc": last["val_bpc"],
             "train_loss": last["train_loss"], "workers": self.world, "global_batch": self.global_batch,
             "lowercase": not cfg.keep_case,

@@ -140,3 +140,13 @@ def test_regularisers_and_learning_rate_decay_on_plateau(tiny_corpus, tmp_path):
             assert rate < rates[m["epoch"] - 2]
     loaded = export.load(str(tmp_path / "out"))
     assert "dropout_in" in [layer.name for layer in loaded.model.layers]
+
+
+def test_a_larger_budget_continues_a_run_that_stopped_on_its_budget(tiny_corpus, tmp_path):
+    out = tmp_path / "out"
+    first = train_func(make_cfg("default", tiny_corpus, out, epochs=3, max_minutes=1e-6).to_dict())
+    assert first["stopped_early"] and first["epoch"] == 1
+    again = train_func(make_cfg("default", tiny_corpus, out, epochs=3, max_minutes=1e-6).to_dict())
+    assert again["global_step"] == first["global_step"]  # budget spent: nothing more is trained
+    more = train_func(make_cfg("default", tiny_corpus, out, epochs=3, max_minutes=60).to_dict())
+    assert more["epoch"] == 3 and not more["stopped_early"]

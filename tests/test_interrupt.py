@@ -1,0 +1,167 @@
+"""Ctrl-C on the training driver: a clean stop (exit 130, one line, no traceback), a usable last checkpoint,
+and a re-run that resumes from it; under Ray, no worker outlives the driver.
+
+Ctrl-C in a terminal sends SIGINT to the whole foreground process group, so the tests start the driver in
+its own session and signal that group (and nothing else).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from job import session, storage
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20, "steps_per_call": 2,
+        "dropout": 0.0}
+
+
+def _inputs(tmp_path: Path) -> tuple[str, str]:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes((SHARED / "wonderland.txt").read_bytes()[:4000])
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    return str(corpus), str(config)
+
+
+class Driver:
+    """`python -m job.train ...` in its own session, output to files (a full pipe can never block it)."""
+
+    def __init__(self, args: list[str], log_dir: Path, env: dict[str, str] | None = None):
+        self.out_path, self.err_path = log_dir / "driver.out", log_dir / "driver.err"
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "job.train", *args], cwd=REPO, env=env,
+                                         stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def ctrl_c(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGINT)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+def _wait_for_checkpoint(driver: Driver, root: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not session.complete_checkpoints(root):
+        assert driver.proc.poll() is None, f"the driver ended early:\n{driver.stdout[-2000:]}\n{driver.stderr[-3000:]}"
+        assert time.monotonic() < deadline, f"no checkpoint under {root} in {timeout:.0f}s:\n{driver.stderr[-3000:]}"
+        time.sleep(0.2)
+
+
+def _assert_clean_interrupt(driver: Driver, timeout: float = 120) -> None:
+    try:
+        driver.proc.wait(timeout=timeout)
+    finally:
+        driver.kill()
+    err = driver.stderr
+    assert driver.proc.returncode == 130, f"rc={driver.proc.returncode}\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    assert [line for line in err.splitlines() if line.strip()][-1] == "interrupted", err[-2000:]
+    assert '{"final"' not in driver.stdout, "the run finished before it was interrupted"
+
+
+def _resume_in_process(args: list[str], root: str, output: str) -> None:
+    """The newest checkpoint is complete and loads: a re-run resumes from it and finishes one more epoch
+    (in-process: the checkpoint layout is the same with or without Ray, and it is the cheaper re-run)."""
+    step, newest = session.complete_checkpoints(root)[-1]
+    progress = json.loads(storage.read_text(storage.join(newest, session.PROGRESS)))["progress"]
+    assert progress["global_step"] == step > 0
+    epochs = progress["epoch"] + 1
+    again = subprocess.run([sys.executable, "-m", "job.train", *args, "--epochs", str(epochs), "--in-process"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (f"resumed from checkpoint: epoch {progress['epoch']}, step {progress['step_in_epoch']} of the next "
+            f"epoch, global step {step}") in again.stdout, again.stdout[-2000:]
+    final = json.loads(again.stdout.strip().splitlines()[-1])["final"]
+    assert final["epoch"] == epochs and final["global_step"] > step
+    metrics = [json.loads(x) for x in storage.read_text(storage.join(output, "metrics.jsonl")).splitlines()]
+    assert [m["epoch"] for m in metrics] == list(range(1, epochs + 1))
+
+
+@pytest.mark.timeout(420)
+def test_ctrl_c_in_process_stops_cleanly_and_rerun_resumes(tmp_path):
+    corpus, config = _inputs(tmp_path)
+    out = str(tmp_path / "run")
+    args = ["--corpus", corpus, "--output", out, "--config", config, "--run-name", "ctrlc", "--seed", "1",
+            "--checkpoint-every-steps", "10"]
+    driver = Driver([*args, "--epochs", "500", "--in-process"], tmp_path)
+    root = storage.join(out, "checkpoints", "ctrlc")
+    try:
+        _wait_for_checkpoint(driver, root)
+        driver.ctrl_c()
+    finally:
+        _assert_clean_interrupt(driver)
+    assert not [p for p in Path(out).rglob("*.tmp")], "an interrupted write left a temporary file"
+    _resume_in_process(args, root, out)
+
+
+# ----------------------------------------------------------------------------------------------------- Ray
+
+
+def _train_actors(ray_cluster) -> list[dict]:
+    """Ray Train's actors (controller and workers) as the state API lists them."""
+    data = ray_cluster._api("/api/v0/actors?detail=1&limit=10000", timeout=30)
+    actors = data["data"]["result"]["result"]
+    return [a for a in actors if a.get("class_name") in ("RayTrainWorker", "TrainController")]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(480)
+def test_ctrl_c_on_ray_driver_stops_every_worker_and_rerun_resumes(ray_cluster, s3_prefix, tmp_path):
+    corpus, config = _inputs(tmp_path)
+    out = f"{s3_prefix}/run"
+    args = ["--corpus", corpus, "--output", out, "--config", config, "--run-name", "ctrlc-ray", "--seed", "1",
+            "--checkpoint-every-steps", "10"]
+    env = ray_cluster.cli_env()
+    env["RAY_ADDRESS"] = ray_cluster.info.gcs_address  # a driver joins through the GCS, not the job API
+    before = {a["actor_id"] for a in _train_actors(ray_cluster)}
+    driver = Driver([*args, "--epochs", "500", "--num-workers", "2"], tmp_path, env=env)
+    root = f"{out}/checkpoints/ctrlc-ray"
+    try:
+        _wait_for_checkpoint(driver, root)
+        ours = [a for a in _train_actors(ray_cluster) if a["actor_id"] not in before]
+        workers = [a for a in ours if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"]
+        assert len(workers) == 2 and all(_pid_alive(a["pid"]) for a in workers), ours
+        driver.ctrl_c()
+    finally:
+        _assert_clean_interrupt(driver)
+    # Every actor of the run is gone, processes included (bounded wait: Ray reaps them asynchronously).
+    deadline = time.monotonic() + 60
+    while True:
+        ours = [a for a in _train_actors(ray_cluster) if a["actor_id"] not in before]
+        left = [a for a in ours if a["state"] != "DEAD" or _pid_alive(a["pid"])]
+        if not left:
+            break
+        assert time.monotonic() < deadline, f"actors outlived the driver: {left}"
+        time.sleep(0.5)
+    assert {a["class_name"] for a in ours} == {"RayTrainWorker", "TrainController"}
+    # Same global batch (2 workers x 4) in one process, so the resumed epoch plan is the interrupted one.
+    _resume_in_process([*args, "--batch-size", "8"], root, out)
