@@ -148,7 +148,9 @@ def make_plan(cfg: GenerateConfig) -> Plan:
         base = prompt_lib.from_file(cfg.prompts)
     else:
         text = corpus_lib.load(model_config["corpus"], lowercase=lowercase).text
-        base = prompt_lib.corpus_seeds(text, cfg.num_samples, seq_len, cfg.seed)
+        # The tutorial's 100-char seeds; its own models need exactly their window.
+        seed_len = seq_len if model_config.get("input_mode") == "scaled" else 100
+        base = prompt_lib.corpus_seeds(text, cfg.num_samples, seed_len, cfg.seed)
     if lowercase:
         base = [p.lower() for p in base]
     encoded = prompt_lib.encode_all(base, vocab, cfg.unknown_chars == "skip")
