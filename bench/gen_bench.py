@@ -58,12 +58,12 @@ def sampler_rates(vocab_size: int, units: list[int], batches: list[int], length:
     rows = []
     for batch in batches:
         prompts = rng.integers(0, vocab_size, (batch, PROMPT_LEN)).astype(np.int32)
-        out = sampler.generate(prompts, length, temperature=temperature, seed=(seed, 0))  # warm-up (traces)
+        out = sampler.generate(prompts, length, temperature=temperature, seed=seed)  # warm-up (traces)
         assert out.shape == (batch, length), out.shape
         times = []
         for r in range(repeats):
             t0 = time.perf_counter()
-            sampler.generate(prompts, length, temperature=temperature, seed=(seed, r + 1))
+            sampler.generate(prompts, length, temperature=temperature, seed=seed + r + 1)
             times.append(time.perf_counter() - t0)
         sec = common.median(times)
         flops = batch * ((PROMPT_LEN - 1) * step + length * (step + head))
