@@ -49,6 +49,7 @@ def resolve(url: str) -> str:
     for candidate in (storage.join(url, "model"), url):
         if storage.exists(storage.join(candidate, CONFIG_FILE)):
             return candidate
+    storage.check_bucket(url)  # "the bucket does not exist" says more than "no model there"
     raise UserError(
         f"no exported model at {url} (expected {CONFIG_FILE}, {MODEL_FILE} and {VOCAB_FILE} there or in "
         "its model/ folder); give the training --output URL"

@@ -10,6 +10,8 @@ Retries and timeouts are the library's (botocore `Config(retries=, connect_timeo
 bounded so that an unreachable endpoint fails in under ~30 s instead of hanging:
   AWS_MAX_ATTEMPTS (default 4 attempts in all), AWS_RETRY_MODE (default "standard"),
   CHARLSTM_S3_CONNECT_TIMEOUT (default 5 s), CHARLSTM_S3_READ_TIMEOUT (default 30 s).
+Ray's checkpoint storage (pyarrow) gets the same attempts and timeouts through
+`pyarrow.fs.AwsStandardS3RetryStrategy`, kept across Ray's pickling (see `pyarrow_filesystem`).
 
 Writes are atomic for readers: a local file is written under a temporary name in the same directory and
 renamed over the final name; an S3 object becomes visible only when its single PUT (or the completing call
@@ -444,6 +446,15 @@ def write_bytes(url: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def check_bucket(url: str) -> None:
+    """For s3:// URLs: the bucket exists and answers these credentials (one HEAD request), else a one-line
+    UserError (missing bucket, rejected credentials, access denied, unreachable endpoint). Other URLs: no-op.
+    (A listing or an exists() on a missing bucket only says "nothing there".)"""
+    if _scheme(url) in ("s3", "s3a"):
+        with translate_errors(url):
+            s3_filesystem().call_s3("head_bucket", Bucket=_bucket(url))
+
+
 def check_writable(url: str) -> None:
     """Refuse (UserError) an output URL that clearly cannot be written, before any work; writes nothing.
 
@@ -456,8 +467,7 @@ def check_writable(url: str) -> None:
     if scheme in ("http", "https"):
         raise UserError(f"cannot write to {url}: https URLs are read-only; write to s3:// or a path")
     if scheme in ("s3", "s3a"):
-        with translate_errors(url):
-            s3_filesystem().call_s3("head_bucket", Bucket=_bucket(url))
+        check_bucket(url)
         return
     if not is_local(url):
         return  # another fsspec scheme: its first write reports any problem

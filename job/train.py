@@ -73,10 +73,12 @@ def launch_ray(cfg: TrainConfig) -> dict[str, Any]:
 def _fit_interruptibly(trainer):
     """trainer.fit(), with Ctrl-C meaning "stop the run" and exiting like any interrupted CLI (130).
 
-    Ray Train installs its own SIGINT handler for the duration of fit(): the first Ctrl-C asks the
-    controller to abort, which stops every worker, and then the handler calls sys.exit(0) — a successful
-    exit code for a run that did not finish. Turn that into KeyboardInterrupt (run_cli: "interrupted",
-    exit 130), and put the previous handler back so that a later Ctrl-C does not reach a dead controller.
+    Ray Train (V2) installs its own SIGINT handler for the duration of fit(): the first Ctrl-C asks the
+    controller to abort, which stops every worker, and the handler then calls sys.exit(0) from inside fit();
+    left alone, the driver ended with status 1 and no word on why. Turn that SystemExit into
+    KeyboardInterrupt (run_cli: "interrupted", exit 130), and put the previous handler back so that a later
+    Ctrl-C does not reach a dead controller. (`ray job stop` sends SIGTERM instead; Ray then ends the job's
+    actors with the driver.)
     """
     previous = signal.getsignal(signal.SIGINT)
     try:

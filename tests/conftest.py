@@ -47,3 +47,33 @@ def ray_cluster(s3_server, tmp_path_factory):
     <repo>` and returns a JobResult (returncode, status, logs, job_id)."""
     with e2e_helpers.ray_cluster(tmp_path_factory.mktemp("ray"), s3_server, num_cpus=4) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def iam_s3(tmp_path_factory):
+    """A second moto server whose IAM authentication switches on after its first 7 requests (moto's
+    INITIAL_NO_AUTH_ACTION_COUNT), which create a bucket, a user with s3:* and a user without any policy.
+    From then on moto checks each request's access key id, signature and policy, as AWS does.
+    (By default moto accepts any credentials at all.)"""
+    import json
+
+    import boto3
+
+    state_dir = tmp_path_factory.mktemp("iam-s3")
+    auth_after_7 = {"INITIAL_NO_AUTH_ACTION_COUNT": "7"}
+    with e2e_helpers.s3_server(state_dir, bucket="locked", extra_env=auth_after_7) as srv:
+        iam = boto3.client("iam", endpoint_url=srv.endpoint, region_name="us-east-1",
+                           aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+        # request 1 was the create_bucket of the fixture
+        iam.create_user(UserName="writer")  # 2
+        writer = iam.create_access_key(UserName="writer")["AccessKey"]  # 3
+        iam.put_user_policy(UserName="writer", PolicyName="s3-all", PolicyDocument=json.dumps({  # 4
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        iam.create_user(UserName="nobody")  # 5
+        nobody = iam.create_access_key(UserName="nobody")["AccessKey"]  # 6
+        srv.client().put_object(Bucket="locked", Key="k.txt", Body=b"secret data")  # 7
+        # the 8th request is authenticated: the fake default keys no longer work
+        with pytest.raises(Exception, match="InvalidAccessKeyId"):
+            srv.client().list_objects_v2(Bucket="locked")
+        yield {"endpoint": srv.endpoint, "writer": writer, "nobody": nobody}

@@ -27,12 +27,10 @@ from faulty_proxy import FaultyProxy
 
 from job.config import PRESETS, TrainConfig
 
-pytestmark = pytest.mark.e2e
-
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20, "steps_per_call": 2,
-        "dropout": 0.0}
+        "dropout": 0.0, "input_dropout": 0.0}
 CANARY_SECRET = f"charlstm-SECRET-canary-{uuid.uuid4().hex}"
 CANARY_KEY_ID = "CHARLSTMCANARYKEY"
 TRAIN_FLAGS = ["--num-workers", "1", "--epochs", "2", "--run-name", "flaky", "--seed", "5",
@@ -93,16 +91,16 @@ def flaky(s3_server, ray_cluster, tmp_path_factory):
         assert gen_proc.returncode == 0, gen_proc.stderr[-3000:] + "\n" + proxy.summary()
         gen_faults = {k: v - train_faults.get(k, 0) for k, v in proxy.injected_by_family().items()}
 
-    # Fault-free references: the same training in-process (one worker, same global batch), the same
-    # generation from the model the flaky run exported, both straight to the S3 server.
+    # Fault-free references, reading straight from the S3 server and writing locally: the same training
+    # in-process (one worker, same global batch), and the same generation from the model the flaky run exported.
     reference_train = tmp / "reference-train"
     settings = {**PRESETS["default"], **TINY, "preset": "default", "corpus": corpus, "output": str(reference_train),
                 "epochs": 2, "seed": 5, "run_name": "flaky", "checkpoint_every_steps": 20, "in_process": True}
     train_func(TrainConfig(**settings).validate().to_dict())
     reference_gen = tmp / "reference-gen"
-    ref = subprocess.run([sys.executable, "-m", "job.generate", "--model", train_out, "--output", str(reference_gen),
-                          *GEN_FLAGS, "--in-process"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    from job import generate
+
+    assert generate.main(["--model", train_out, "--output", str(reference_gen), *GEN_FLAGS, "--in-process"]) == 0
     return Runs(proxy=proxy, train_out=train_out, train_logs=result.logs + result.output, train_faults=train_faults,
                 reference_train=reference_train, gen_out=gen_out, gen_proc=gen_proc, gen_faults=gen_faults,
                 reference_gen=reference_gen,
@@ -129,6 +127,7 @@ def test_proxy_faults_are_deterministic_and_bounded():
 # ----------------------------------------------------------------------------- retry settings, per library
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("attempts, ok", [("4", True), ("3", False)])
 def test_pyarrow_retry_strategy_survives_pickling(s3_server, s3_prefix, monkeypatch, attempts, ok):
@@ -157,6 +156,7 @@ def test_pyarrow_retry_strategy_survives_pickling(s3_server, s3_prefix, monkeypa
                     out.write(b"payload")
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(180)
 def test_botocore_retries_as_configured(s3_server, s3_prefix, monkeypatch):
     """s3fs/boto3 use botocore's retries (standard mode, AWS_MAX_ATTEMPTS): 3 faults per request pass with 4."""
@@ -174,6 +174,7 @@ def test_botocore_retries_as_configured(s3_server, s3_prefix, monkeypatch):
 # ------------------------------------------------------------------------------------ the flaky-store jobs
 
 
+@pytest.mark.e2e
 def test_training_through_flaky_store_matches_fault_free_run(flaky, s3_server):
     assert flaky.train_faults.get("botocore", 0) > 0 and flaky.train_faults.get("pyarrow", 0) > 0, \
         f"faults must hit both s3fs and Ray's checkpoint writer: {flaky.proxy.summary()}"
@@ -196,6 +197,7 @@ def test_training_through_flaky_store_matches_fault_free_run(flaky, s3_server):
     assert any(k.endswith("/progress.json") and "/checkpoints/flaky/checkpoint_" in k for k in keys), keys
 
 
+@pytest.mark.e2e
 def test_generation_through_flaky_store_is_byte_identical(flaky, s3_server):
     assert flaky.gen_faults.get("botocore", 0) > 0, flaky.proxy.summary()
     assert "Traceback" not in flaky.gen_proc.stderr
@@ -212,6 +214,7 @@ def test_generation_through_flaky_store_is_byte_identical(flaky, s3_server):
 # ------------------------------------------------------------------------------------------------ security
 
 
+@pytest.mark.e2e
 def test_secret_key_appears_in_no_log_and_no_output(flaky, s3_server):
     # The canary credentials really were the ones in use, by both libraries (else this test proves nothing).
     assert {("botocore", CANARY_KEY_ID), ("pyarrow", CANARY_KEY_ID)} <= flaky.proxy.access_keys, \
@@ -238,6 +241,7 @@ def test_secret_key_appears_in_no_log_and_no_output(flaky, s3_server):
             assert secret not in gzip.decompress(body), key
 
 
+@pytest.mark.e2e
 def test_outputs_carry_no_public_acl(flaky, s3_server):
     client = s3_server.client()
     keys = _keys(s3_server, flaky.train_out) + _keys(s3_server, flaky.gen_out)
@@ -253,7 +257,8 @@ def test_outputs_carry_no_public_acl(flaky, s3_server):
 
 def test_job_code_never_sets_an_acl():
     """Objects get the bucket's default (private, or bucket-owner-enforced): no code path asks for an ACL."""
-    pattern = re.compile(r"(?i)(?<![a-z])acl(?![a-z])|public-read|authenticated-read|x-amz-grant|Grant(Read|Write|Full)")
+    pattern = re.compile(r"(?i)(?<![a-z])acl(?![a-z])|public-read|authenticated-read|x-amz-grant"
+                         r"|Grant(Read|Write|Full)")
     hits = [f"{path.name}:{n}: {line.strip()}" for path in sorted((REPO / "job").glob("*.py"))
             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 # Tiny and dropout-free, so that 1- and 2-worker runs are comparable step by step.
 TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20,
-        "steps_per_call": 2, "dropout": 0.0}
+        "steps_per_call": 2, "dropout": 0.0, "input_dropout": 0.0}
 
 
 def upload(s3_server, key: str, body: bytes) -> str:
