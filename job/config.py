@@ -94,6 +94,11 @@ class TrainConfig:
     # Steps run inside one compiled call (fewer Python round trips; a speed knob only).
     steps_per_call: int = 4
 
+    @property
+    def run(self) -> str:
+        """The run's name: Ray's RunConfig name and the checkpoints/<name>/ folder resume looks in."""
+        return self.run_name or "run"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -29,7 +29,7 @@ VARIABLES = "variables.npz"
 
 def checkpoint_root(cfg: TrainConfig) -> str:
     """<output>/checkpoints/<run name>: Ray's storage_path/name, and the in-process layout too."""
-    return storage.join(cfg.output, "checkpoints", cfg.run_name or "run")
+    return storage.join(cfg.output, "checkpoints", cfg.run)
 
 
 def complete_checkpoints(root: str) -> list[tuple[int, str]]:

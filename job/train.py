@@ -33,10 +33,6 @@ def preflight(cfg: TrainConfig) -> None:
     storage.check_writable(cfg.output)
 
 
-def run_name(cfg: TrainConfig) -> str:
-    return cfg.run_name or "run"
-
-
 def launch_ray(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
@@ -53,7 +49,7 @@ def launch_ray(cfg: TrainConfig) -> dict[str, Any]:
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=run_name(cfg),
+            name=cfg.run,
             storage_path=path,
             storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(
