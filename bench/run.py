@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import common, scale_bench
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -53,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--corpus", default=os.environ.get("CORPUS"),
                    help="Local path (or file:// URL) of the corpus; default: $CORPUS. Never downloaded.")
-    p.add_argument("--only", choices=("train", "gen"), help="Run only the training or the generation part.")
+    p.add_argument("--only", choices=("train", "gen", "scale"),
+                   help="Run only the training, generation or scaling part.")
     p.add_argument("--seconds", type=float, default=TARGET_SECONDS,
                    help="Training wall-clock budget per method (default 300; the loss target is for 300 s).")
     p.add_argument("--out", default=str(HERE / "results"), help="Results folder (default bench/results).")
@@ -61,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
                    help="Scratch folder for the training runs (default bench/work, gitignored; wiped per run).")
     p.add_argument("--gen-batches", type=_int_list, default=[1, 64, 512, 2048],
                    help="Sampler batch sizes (default 1,64,512,2048).")
-    p.add_argument("--gen-length", type=int, default=300, help="Characters generated per sample (default 300).")
+    p.add_argument("--gen-length", type=int, default=500, help="Characters generated per sample (default 500).")
     p.add_argument("--gen-repeats", type=int, default=3, help="Timed calls per batch size, median (default 3).")
     p.add_argument("--gen-units", type=_int_list, default=[256, 256],
                    help="LSTM sizes of the generation model (default 256,256; the default preset has 512,512).")
@@ -70,6 +71,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tutorial-chars", type=int, default=100,
                    help="Characters generated with the tutorial's predict loop (default 100).")
     p.add_argument("--matmul-n", type=int, default=2048, help="Size of the reference matmul (default 2048).")
+    p.add_argument("--scale-workers", type=_int_list, default=[1, 2],
+                   help="Ray worker counts for the scaling run, 1 CPU each (default 1,2).")
+    p.add_argument("--scale-epochs", type=int, default=6,
+                   help="Epochs per scaling run; the first (compilation) is not counted (default 6).")
     return p
 
 
@@ -126,6 +131,31 @@ def run_generation(args, vocab_size: int) -> dict[str, Any]:
     for row in ours["rows"]:
         print(f"   batch {row['batch']:>5}: {row['chars_per_sec']:,.0f} chars/s", flush=True)
     return {"tutorial": tut, "ours": ours}
+
+
+# Assumptions of the on-paper sizing estimate (README "Scaling"): a mid-range cloud GPU such as an A10G
+# (31 TFLOP/s fp32 peak) sustaining a third of it on cuDNN LSTMs, and a 25 Gb/s node network.
+SIZING_HARDWARE = scale_bench.Hardware(name="GPU sustaining 10 TFLOP/s fp32, 25 Gb/s network",
+                                       tflops_fp32=10.0, link_gbps=25.0)
+SIZING_WORKERS = [1, 2, 4, 8, 16]
+# A GPU-sized configuration to set beside the 2-core default (a --config file on a cluster).
+GPU_EXAMPLE = {"units": [1024, 1024], "embed_dim": 128, "batch_size": 256, "seq_len": 100}
+
+
+def run_scaling(args, corpus: str, workdir: Path, vocab_size: int) -> dict[str, Any]:
+    from job.config import PRESETS, TrainConfig
+
+    measured = scale_bench.measure(corpus, workdir, args.scale_workers, args.scale_epochs)
+    default = TrainConfig(**{**PRESETS["default"], "output": "x"})
+    gpu = TrainConfig(**{**PRESETS["default"], **GPU_EXAMPLE, "output": "x"})
+    return {
+        "measured": measured,
+        "sizing": {
+            "default": scale_bench.sizing(default, vocab_size, SIZING_WORKERS, SIZING_HARDWARE),
+            "gpu_example": {"config": GPU_EXAMPLE,
+                            **scale_bench.sizing(gpu, vocab_size, SIZING_WORKERS, SIZING_HARDWARE)},
+        },
+    }
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -279,8 +309,44 @@ def markdown(results: dict[str, Any]) -> str:
     if "target_gen_speed" in a:
         t = a["target_gen_speed"]
         lines.append(f"| {t['target']} | {t['measured']:,.0f} chars/s (batch {t['at_batch']}) | {_yes(t['met'])} |")
-    lines += ["", "## Scaling", "", f"- {results['scaling']['note']}", ""]
+    if "scaling" in results:
+        lines += scaling_markdown(results["scaling"])
     return "\n".join(lines)
+
+
+def scaling_markdown(sc: dict[str, Any]) -> list[str]:
+    m = sc["measured"]
+    lines = ["", f"## Scaling: {m['preset']} preset, Ray workers with {m['cpus_per_worker']} CPU each, this machine",
+             "", "| Ray workers | global batch | chars/s (median epoch) | speedup | efficiency |",
+             "|---:|---:|---:|---:|---:|"]
+    for r in m["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['workers']} | | error: {r['error']} | | |")
+            continue
+        lines.append(f"| {r['workers']} | {r['global_batch']} | {_fmt(r['chars_per_sec'], 0)} | "
+                     f"{_fmt(r.get('speedup'), 2)}x | {_fmt(100 * r.get('efficiency', math.nan), 0)}% |")
+    lines += ["", f"Median of the per-epoch rates after the first of {m['epochs']} epochs (the first includes "
+              "compilation). Both workers share this machine's 2 cores, and the all-reduce runs over loopback "
+              "gRPC: this shows the job scales, not what a cluster gains.", ""]
+    for key, title in (("default", "`default` preset (2-core sizes)"), ("gpu_example", "GPU-sized config")):
+        z = sc["sizing"][key]
+        hw = z["hardware"]
+        extra = f" ({', '.join(f'{k} {v}' for k, v in z['config'].items())})" if "config" in z else ""
+        lines += [
+            f"### On paper: {title}{extra}", "",
+            f"{z['params']:,} parameters = {z['gradient_mb']:.2f} MB of fp32 gradient all-reduced per step; "
+            f"{z['chars_per_worker_step']:,} predicted chars and {z['gflop_per_worker_step']:.2f} GFLOP "
+            f"(3x forward) per worker per step. Assumed: {hw['name']}.", "",
+            "| GPU workers | global batch | all-reduce MB sent per worker | compute ms | all-reduce ms | "
+            "chars/s | scaling efficiency |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in z["rows"]:
+            lines.append(f"| {r['workers']} | {r['global_batch']} | {r['allreduce_mb_per_worker']:.2f} | "
+                         f"{r['compute_ms']:.2f} | {r['comm_ms']:.2f} | {r['chars_per_sec']:,.0f} | "
+                         f"{100 * r['efficiency']:.0f}% |")
+        lines.append("")
+    return lines
 
 
 def plot_loss(results: dict[str, Any], path: Path) -> None:
@@ -382,14 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "gen"):
         results["generation"] = run_generation(args, vocab_size)
 
+    if args.only in (None, "scale"):
+        results["scaling"] = run_scaling(args, corpus, workdir, vocab_size)
     samples += common.matmul_samples(args.matmul_n)  # again at the end: the machine is shared
     flops = common.matmul_flops(args.matmul_n, common.median(samples))
     results["matmul"] = {"n": args.matmul_n, "samples_sec": samples, "flops_per_sec": flops}
-    results["scaling"] = {
-        "status": "TODO",
-        "note": "TODO (not measured yet): training throughput with 1 and 2 Ray workers via "
-                "`python -m job.train --num-workers N`.",
-    }
     results["assessment"] = assess(results)
 
     stamp = results["machine"]["date"]

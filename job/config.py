@@ -71,6 +71,9 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled (AdamW) weight decay; biases excluded
     lr_decay: float = 1.0  # multiply the learning rate by this after `lr_patience` epochs without improvement
     lr_patience: int = 1
+    # Fraction of the run (by --max-minutes or by steps, whichever ends it first) over which the learning
+    # rate is cosine-annealed to zero at the end; 0 keeps it constant apart from plateau decays.
+    lr_anneal: float = 0.0
     # Data.
     val_fraction: float = 0.1
     keep_case: bool = False
@@ -136,6 +139,7 @@ class TrainConfig:
         _check(0.0 <= self.input_dropout < 1.0, f"input_dropout must be in [0, 1) (got {self.input_dropout})")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
         _check(0.0 < self.lr_decay <= 1.0, f"lr_decay must be in (0, 1] (got {self.lr_decay})")
+        _check(0.0 <= self.lr_anneal <= 1.0, f"lr_anneal must be in [0, 1] (got {self.lr_anneal})")
         _check(self.lr_patience >= 1, f"lr_patience must be >= 1 (got {self.lr_patience})")
         _check(self.steps_per_call >= 1, f"steps_per_call must be >= 1 (got {self.steps_per_call})")
         _check(self.checkpoints_to_keep >= 1, "checkpoints_to_keep must be >= 1")

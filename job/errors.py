@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 
@@ -14,15 +16,43 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class _Terminated:
+    flag = False
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM (`ray job stop`, Kubernetes deleting the pod, `kill`) takes the same clean path as Ctrl-C:
+    whatever SIGINT handler is in force runs, so under Ray Train its handler aborts the run and stops every
+    worker, and elsewhere KeyboardInterrupt unwinds through the same `finally` blocks."""
+    _Terminated.flag = True
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    raise KeyboardInterrupt
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run a CLI entry point; turn UserError into one line on stderr and exit code 2."""
+    """Run a CLI entry point; turn UserError into one line on stderr and exit code 2, Ctrl-C into
+    "interrupted" (130) and SIGTERM into "terminated" (143), never a traceback."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    _Terminated.flag = False
     try:
         return int(main(argv) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        if _Terminated.flag:
+            print("terminated", file=sys.stderr, flush=True)
+            return EXIT_TERMINATED
         print("interrupted", file=sys.stderr, flush=True)
-        return 130
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

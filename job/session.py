@@ -76,6 +76,7 @@ def _newest_downloaded(found: list[tuple[int, str]]) -> Iterator[str]:
 class Session:
     rank = 0
     world_size = 1
+    in_ray = False
 
     def __init__(self, cfg: TrainConfig):
         self.root = checkpoint_root(cfg)
@@ -113,6 +114,8 @@ class LocalSession(Session):
 
 class RaySession(Session):
     """Inside a Ray Train worker (TensorflowTrainer); Ray uploads, registers and prunes checkpoints."""
+
+    in_ray = True
 
     def __init__(self, cfg: TrainConfig):
         import logging

@@ -37,7 +37,7 @@ class Progress:
     best_score: float = math.inf
     best_epoch: int = 0
     epoch_loss_sum: float = 0.0
-    learning_rate: float = 0.0  # current (after plateau decays); 0 = not set yet
+    learning_rate: float = 0.0  # base rate after plateau decays (before annealing); 0 = not set yet
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False
@@ -64,10 +64,26 @@ def _make_optimizer(cfg: TrainConfig):
     return opt
 
 
-def _make_strategy():
+def anneal_factor(done: float, anneal: float) -> float:
+    """Learning-rate multiplier when a fraction `done` of the run is over: 1 until the last `anneal` of
+    the run, then a half cosine down to 0 at its end. A time budget is only used well if the rate has come
+    down by the time it runs out; a constant rate leaves the last epochs noisy."""
+    if anneal <= 0:
+        return 1.0
+    start = 1.0 - anneal
+    if done <= start:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (done - start) / anneal)))
+
+
+def _make_strategy(cpu_threads: int | None = None):
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")  # MWMS logs every collective at INFO
+    if cpu_threads:
+        # A Ray worker that reserved N CPUs uses N compute threads: by default TensorFlow sizes its pool to
+        # every core of the node, so workers sharing a node would oversubscribe it. Must precede any op.
+        tf.config.threading.set_intra_op_parallelism_threads(cpu_threads)
 
     # Ray's TensorflowTrainer sets TF_CONFIG; in-process runs use the default strategy.
     if os.environ.get("TF_CONFIG"):
@@ -156,7 +172,7 @@ class Trainer:
         vocab_size, global_batch = len(self.vocab), self.global_batch
         fp16 = cfg.precision == "mixed_float16"
 
-        def replica_step(batch, states, over):
+        def replica_step(batch, states, signal):
             x, y = batch
             with tf.GradientTape() as tape:
                 if cfg.stateful:
@@ -177,16 +193,19 @@ class Trainer:
             opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
             # tf.identity places the flag on this replica; an argument passed straight through has no
             # device and MultiWorkerMirroredStrategy refuses to reduce it ("destinations can not be empty").
-            stop = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(over))  # > 0: a worker is over budget
-            return loss, [tf.stop_gradient(s) for s in new_states], stop
+            # signal = [over budget?, seconds elapsed]: summed over workers, so every worker stops after
+            # the same step and derives the same annealed learning rate from the same clock.
+            signal = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(signal))
+            return loss, [tf.stop_gradient(s) for s in new_states], signal
 
-        def steps(iterator, states, over, count: int):
+        def steps(iterator, states, signal, count: int):
             total = tf.constant(0.0)
-            stop = tf.constant(0.0)
+            summed = tf.zeros([2])
             for _ in range(count):
-                loss, states, stop = strategy.run(replica_step, args=(next(iterator), states, over))
+                loss, states, summed = strategy.run(replica_step, args=(next(iterator), states, signal))
                 total += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
-            return total, states, strategy.reduce(tf.distribute.ReduceOp.SUM, stop, axis=None)
+            # Each replica holds the same all-reduced vector; take one copy rather than summing again.
+            return total, states, strategy.experimental_local_results(summed)[0]
 
         self._steps = tf.function(steps, reduce_retracing=True)
 
@@ -234,7 +253,8 @@ class Trainer:
     # ---------------------------------------------------------------- main loop
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.strategy = _make_strategy()  # must exist before any other TensorFlow op
+        threads = max(1, round(cfg.cpus_per_worker)) if self.session.in_ray else None
+        self.strategy = _make_strategy(threads)  # must exist before any other TensorFlow op
         self._prepare_data()
         self._build()
         self.progress = Progress()
@@ -264,6 +284,10 @@ class Trainer:
         start_clock = time.monotonic() - p.elapsed_sec
         chars_per_step = self.global_batch * (cfg.seq_len if cfg.target == "all" else 1)
         over = 0.0  # becomes 1.0 once this worker's clock passes the budget
+        agreed_elapsed = p.elapsed_sec  # the workers' mean clock, as of the last all-reduce
+        self._total_steps = cfg.epochs * len(self.plan_fn(len(self.train_ids), cfg.seq_len, self.global_batch,
+                                                          0, cfg.seed))
+        self._budget = budget
         while p.epoch < cfg.epochs and not p.stopped_early:
             plan = self.plan_fn(len(self.train_ids), cfg.seq_len, self.global_batch, p.epoch, cfg.seed)
             steps_total = len(plan)
@@ -279,7 +303,11 @@ class Trainer:
                     count = min(count, cfg.checkpoint_every_steps - p.global_step % cfg.checkpoint_every_steps)
                 if over:
                     count = 1  # one more step so that every worker learns of the stop together
-                loss_sum, states, stop = self._steps(iterator, states, self.tf.constant(over), count)
+                self._apply_learning_rate(agreed_elapsed)
+                signal = self.tf.constant([over, p.elapsed_sec], dtype=self.tf.float32)
+                loss_sum, states, summed = self._steps(iterator, states, signal, count)
+                stop, agreed_elapsed = (float(x) for x in summed.numpy())
+                agreed_elapsed /= self.world
                 p.step_in_epoch += count
                 p.global_step += count
                 p.epoch_loss_sum += float(loss_sum)
@@ -287,7 +315,7 @@ class Trainer:
                 chars_this_epoch += count * chars_per_step
                 p.elapsed_sec = time.monotonic() - start_clock
                 self._maybe_crash_for_test()
-                if float(stop) > 0:
+                if stop > 0:
                     p.stopped_early = True
                     break
                 if p.elapsed_sec >= budget:
@@ -317,8 +345,17 @@ class Trainer:
         return float(np.asarray(self._inner_optimizer().learning_rate))
 
     def _set_learning_rate(self, value: float) -> None:
-        self._inner_optimizer().learning_rate = value  # assigns the (mirrored) learning-rate variable
+        """Set the base rate (what plateau decays change); annealing scales it at every call."""
         self.progress.learning_rate = value
+        self._inner_optimizer().learning_rate = value  # assigns the (mirrored) learning-rate variable
+
+    def _apply_learning_rate(self, elapsed: float) -> None:
+        if self.cfg.lr_anneal <= 0:
+            return
+        p = self.progress
+        done = max(p.global_step / max(1, self._total_steps), elapsed / self._budget)
+        self._inner_optimizer().learning_rate = (p.learning_rate or self.cfg.learning_rate) * anneal_factor(
+            done, self.cfg.lr_anneal)
 
     def _maybe_crash_for_test(self) -> None:
         """Test-only fault injection: the last worker dies hard once, at a given global step."""
@@ -370,7 +407,7 @@ class Trainer:
         elif not partial:
             p.epochs_without_improvement += 1
             if cfg.lr_decay < 1.0 and p.epochs_without_improvement >= cfg.lr_patience:
-                self._set_learning_rate(self._learning_rate() * cfg.lr_decay)
+                self._set_learning_rate((p.learning_rate or cfg.learning_rate) * cfg.lr_decay)
                 p.epochs_without_improvement = 0
         metrics["learning_rate"] = self._learning_rate()
         if not partial:
@@ -395,7 +432,7 @@ class Trainer:
         last = p.history[-1]
         keys = ("preset", "input_mode", "embed_dim", "units", "dropout", "target", "stateful", "seq_len",
                 "batch_size", "learning_rate", "clip_norm", "val_fraction", "keep_case", "seed", "precision",
-                "input_dropout", "weight_decay", "lr_decay", "lr_patience")
+                "input_dropout", "weight_decay", "lr_decay", "lr_patience", "lr_anneal")
         return {
             **{k: getattr(cfg, k) for k in keys},
             "corpus": cfg.corpus, "corpus_sha256": self.corpus.sha256, "epoch": last["epoch"],

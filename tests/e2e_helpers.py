@@ -109,6 +109,11 @@ class RayCluster:
 
         Waits for the job to end (at most `timeout` seconds; then `ray job stop`s it).
         """
+        return self.start(entrypoint, env, working_dir, extra_args).wait(timeout)
+
+    def start(self, entrypoint: list[str], env: dict[str, str] | None = None,
+              working_dir: str | Path = REPO_ROOT, extra_args: list[str] | None = None) -> Submission:
+        """Like submit(), but returns at once: the test acts on the running job, then calls wait()."""
         job_id = f"e2e-{uuid.uuid4().hex[:12]}"
         cmd = [
             localstack.ray_executable(), "job", "submit",
@@ -122,23 +127,68 @@ class RayCluster:
         self.submitted.append(job_id)
         proc = subprocess.Popen(cmd, env=self.cli_env(), cwd=str(REPO_ROOT), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        timed_out = False
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            self.stop_job(job_id)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-        status = self.job_status(job_id)
-        return JobResult(job_id=job_id, returncode=None if timed_out else proc.returncode, status=status,
-                         logs=self.job_logs(job_id), output=output or "", timed_out=timed_out)
+        return Submission(self, job_id, proc)
+
+    def wait_for_status(self, job_id: str, wanted: tuple[str, ...], timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while (status := self.job_status(job_id)) not in wanted and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return status
+
+    def train_actors(self) -> list[dict]:
+        """Ray Train's actors (controller and workers), dead ones included, as the state API lists them."""
+        data = self._api("/api/v0/actors?detail=1&limit=10000", timeout=30)
+        actors = data["data"]["result"]["result"]
+        return [a for a in actors if a.get("class_name") in ("RayTrainWorker", "TrainController")]
+
+    def wait_actors_gone(self, ignore: set[str], timeout: float = 60) -> list[dict]:
+        """Wait (bounded) until every Ray Train actor not in `ignore` is DEAD and its process gone; return them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ours = [a for a in self.train_actors() if a["actor_id"] not in ignore]
+            left = [a for a in ours if a["state"] != "DEAD" or pid_alive(a["pid"])]
+            if not left:
+                return ours
+            if time.monotonic() > deadline:
+                raise AssertionError(f"actors outlived the run: {left}")
+            time.sleep(0.5)
 
     def stop_running_jobs(self) -> None:
         for job_id in self.submitted:
             if self.job_status(job_id) not in (*TERMINAL_STATUSES, None):
                 self.stop_job(job_id, timeout=20)
+
+
+@dataclass
+class Submission:
+    """A `ray job submit` still running (it follows the job's logs until the job ends)."""
+
+    cluster: RayCluster
+    job_id: str
+    proc: subprocess.Popen
+
+    def wait(self, timeout: float = DEFAULT_JOB_TIMEOUT) -> JobResult:
+        timed_out = False
+        try:
+            output, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self.cluster.stop_job(self.job_id)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            output, _ = self.proc.communicate()
+        return JobResult(job_id=self.job_id, returncode=None if timed_out else self.proc.returncode,
+                         status=self.cluster.job_status(self.job_id), logs=self.cluster.job_logs(self.job_id),
+                         output=output or "", timed_out=timed_out)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
-"""Ctrl-C on the training driver: a clean stop (exit 130, one line, no traceback), a usable last checkpoint,
-and a re-run that resumes from it; under Ray, no worker outlives the driver.
+"""Ctrl-C (SIGINT) or SIGTERM on the training driver: a clean stop (exit 130 / 143, one line, no traceback),
+a usable last checkpoint, and a re-run that resumes from it; under Ray, no worker outlives the driver, and
+`ray job stop` (which sends SIGTERM) aborts the run the same way.
 
 Ctrl-C in a terminal sends SIGINT to the whole foreground process group, so the tests start the driver in
 its own session and signal that group (and nothing else).
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from e2e_helpers import pid_alive
 
 from job import session, storage
 
@@ -56,6 +58,9 @@ class Driver:
     def ctrl_c(self) -> None:
         os.killpg(self.proc.pid, signal.SIGINT)
 
+    def send(self, sig: int) -> None:
+        os.killpg(self.proc.pid, sig)
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -70,14 +75,14 @@ def _wait_for_checkpoint(driver: Driver, root: str, timeout: float = 240) -> Non
         time.sleep(0.2)
 
 
-def _assert_clean_interrupt(driver: Driver, timeout: float = 120) -> None:
+def _assert_clean_interrupt(driver: Driver, timeout: float = 120, line: str = "interrupted", rc: int = 130) -> None:
     driver.proc.wait(timeout=timeout)
     err = driver.stderr
-    assert driver.proc.returncode == 130, f"rc={driver.proc.returncode}\n{err[-3000:]}"
+    assert driver.proc.returncode == rc, f"rc={driver.proc.returncode}\n{err[-3000:]}"
     assert "Traceback" not in err, err[-3000:]
     # The driver's own last line; Ray may still stream worker lines ("(RayTrainWorker pid=...) ...") after it.
-    own = [line for line in err.splitlines() if line.strip() and not RAY_WORKER_LINE.match(line)]
-    assert own[-1] == "interrupted" and own.count("interrupted") == 1, err[-2000:]
+    own = [x for x in err.splitlines() if x.strip() and not RAY_WORKER_LINE.match(x)]
+    assert own[-1] == line and own.count(line) == 1, err[-2000:]
     assert '{"final"' not in driver.stdout, "the run finished before it was interrupted"
 
 
@@ -100,7 +105,9 @@ def _resume_in_process(args: list[str], root: str, output: str) -> None:
 
 
 @pytest.mark.timeout(420)
-def test_ctrl_c_in_process_stops_cleanly_and_rerun_resumes(tmp_path):
+@pytest.mark.parametrize(("sig", "line", "rc"), [(signal.SIGINT, "interrupted", 130),
+                                                 (signal.SIGTERM, "terminated", 143)], ids=["ctrl-c", "sigterm"])
+def test_signal_in_process_stops_cleanly_and_rerun_resumes(tmp_path, sig, line, rc):
     corpus, config = _inputs(tmp_path)
     out = str(tmp_path / "run")
     args = ["--corpus", corpus, "--output", out, "--config", config, "--run-name", "ctrlc", "--seed", "1",
@@ -109,8 +116,8 @@ def test_ctrl_c_in_process_stops_cleanly_and_rerun_resumes(tmp_path):
     root = storage.join(out, "checkpoints", "ctrlc")
     try:
         _wait_for_checkpoint(driver, root)
-        driver.ctrl_c()
-        _assert_clean_interrupt(driver)
+        driver.send(sig)
+        _assert_clean_interrupt(driver, line=line, rc=rc)
     finally:
         driver.kill()  # only if a failed assertion left it running
     assert not [p for p in Path(out).rglob("*.tmp")], "an interrupted write left a temporary file"
@@ -118,21 +125,6 @@ def test_ctrl_c_in_process_stops_cleanly_and_rerun_resumes(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- Ray
-
-
-def _train_actors(ray_cluster) -> list[dict]:
-    """Ray Train's actors (controller and workers) as the state API lists them."""
-    data = ray_cluster._api("/api/v0/actors?detail=1&limit=10000", timeout=30)
-    actors = data["data"]["result"]["result"]
-    return [a for a in actors if a.get("class_name") in ("RayTrainWorker", "TrainController")]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 @pytest.mark.e2e
@@ -145,27 +137,54 @@ def test_ctrl_c_on_ray_driver_stops_every_worker_and_rerun_resumes(ray_cluster, 
     env = ray_cluster.cli_env()
     env["RAY_ADDRESS"] = ray_cluster.info.gcs_address  # a driver joins through the GCS, not the job API
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # stay on 127.0.0.1, as the head does (infra/localstack.py)
-    before = {a["actor_id"] for a in _train_actors(ray_cluster)}
+    before = {a["actor_id"] for a in ray_cluster.train_actors()}
     driver = Driver([*args, "--epochs", "500", "--num-workers", "2"], tmp_path, env=env)
     root = f"{out}/checkpoints/ctrlc-ray"
     try:
         _wait_for_checkpoint(driver, root)
-        ours = [a for a in _train_actors(ray_cluster) if a["actor_id"] not in before]
+        ours = [a for a in ray_cluster.train_actors() if a["actor_id"] not in before]
         workers = [a for a in ours if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"]
-        assert len(workers) == 2 and all(_pid_alive(a["pid"]) for a in workers), ours
+        assert len(workers) == 2 and all(pid_alive(a["pid"]) for a in workers), ours
         driver.ctrl_c()
         _assert_clean_interrupt(driver)
     finally:
         driver.kill()  # only if a failed assertion left it running
     # Every actor of the run is gone, processes included (bounded wait: Ray reaps them asynchronously).
-    deadline = time.monotonic() + 60
-    while True:
-        ours = [a for a in _train_actors(ray_cluster) if a["actor_id"] not in before]
-        left = [a for a in ours if a["state"] != "DEAD" or _pid_alive(a["pid"])]
-        if not left:
-            break
-        assert time.monotonic() < deadline, f"actors outlived the driver: {left}"
-        time.sleep(0.5)
+    ours = ray_cluster.wait_actors_gone(before)
     assert {a["class_name"] for a in ours} == {"RayTrainWorker", "TrainController"}
     # Same global batch (2 workers x 4) in one process, so the resumed epoch plan is the interrupted one.
+    _resume_in_process([*args, "--batch-size", "8"], root, out)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(480)
+def test_ray_job_stop_aborts_the_run_cleanly_and_rerun_resumes(ray_cluster, s3_server, s3_prefix, tmp_path):
+    """`ray job stop` sends the driver SIGTERM: it aborts the run like Ctrl-C (every worker stopped, the last
+    checkpoint usable), says "terminated", and exits before Ray's SIGKILL deadline."""
+    corpus, config = _inputs(tmp_path)
+    base = s3_prefix.split("/", 3)[3]
+    for name, path in (("corpus.txt", corpus), ("tiny.yaml", config)):  # the job reads its inputs from S3
+        s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{base}/{name}", Body=Path(path).read_bytes())
+    out = f"{s3_prefix}/run"
+    args = ["--corpus", f"{s3_prefix}/corpus.txt", "--output", out, "--config", f"{s3_prefix}/tiny.yaml",
+            "--run-name", "stop", "--seed", "1", "--checkpoint-every-steps", "10"]
+    before = {a["actor_id"] for a in ray_cluster.train_actors()}
+    # Ray SIGKILLs the entrypoint RAY_JOB_STOP_WAIT_TIME_S after the SIGTERM (default 3 s); give the abort
+    # room on a loaded 2-core machine so that the test sees our clean path, not Ray's hard kill.
+    job = ray_cluster.start(["python", "-m", "job.train", *args, "--epochs", "500", "--num-workers", "2"],
+                            env={"RAY_JOB_STOP_WAIT_TIME_S": "60"})
+    root = f"{out}/checkpoints/stop"
+    deadline = time.monotonic() + 300
+    while not session.complete_checkpoints(root):
+        assert job.proc.poll() is None, job.wait(10).describe()
+        assert time.monotonic() < deadline, "no checkpoint in 300 s"
+        time.sleep(0.5)
+    ray_cluster.stop_job(job.job_id, timeout=120)
+    result = job.wait(60)
+    assert result.status == "STOPPED", result.describe()
+    own = [x for x in result.logs.splitlines() if x.strip() and not RAY_WORKER_LINE.match(x)]
+    assert "terminated" in own, result.describe()
+    assert '{"final"' not in result.logs
+    ours = ray_cluster.wait_actors_gone(before)
+    assert {a["class_name"] for a in ours} == {"RayTrainWorker", "TrainController"}
     _resume_in_process([*args, "--batch-size", "8"], root, out)

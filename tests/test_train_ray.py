@@ -1,12 +1,17 @@
 """The training job end to end: `ray job submit` to a live Ray head, corpus and outputs on a local S3 server.
 
 Also the synchronisation proof (2 workers hold identical weights and follow the 1-worker run at the same
-global batch) and the fault path (a worker dies hard mid-epoch; Ray restarts the group and the run resumes).
+global batch) and the fault paths (a worker dies hard mid-epoch, by its own hand or SIGKILLed by the test;
+Ray restarts the group and the run resumes from the newest complete checkpoint).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +123,68 @@ def test_worker_crash_resumes_from_checkpoint(ray_cluster, s3_server, job_inputs
 
     loaded = export.load(out)
     assert loaded.config["epoch"] >= 1 and loaded.config["workers"] == 2
+
+
+def _newest_checkpoint(out: str, run: str) -> dict | None:
+    """The progress record of the newest complete checkpoint of `run` under `out`, or None."""
+    from job import session, storage
+
+    found = session.complete_checkpoints(f"{out}/checkpoints/{run}")
+    if not found:
+        return None
+    return json.loads(storage.read_text(storage.join(found[-1][1], session.PROGRESS)))["progress"]
+
+
+def test_worker_sigkilled_mid_epoch_resumes_from_latest_checkpoint(ray_cluster, s3_server, s3_prefix, tmp_path):
+    """The test itself SIGKILLs one Ray Train worker process (pid from Ray's state API) between two step
+    checkpoints in the middle of an epoch: Ray restarts the worker group, the run resumes from the newest
+    complete checkpoint (so at most one checkpoint interval of work is redone), finishes its epochs, and the
+    exported model loads."""
+    from e2e_helpers import pid_alive
+
+    base = s3_prefix.split("/", 3)[3]
+    # ~25k chars: about 140 steps per epoch at global batch 8, so an epoch spans many 10-step checkpoints.
+    corpus = upload(s3_server, f"{base}/corpus.txt", (SHARED / "wonderland.txt").read_bytes()[:25000])
+    config = upload(s3_server, f"{base}/tiny.yaml", yaml.safe_dump(TINY).encode())
+    out, interval, epochs = f"{s3_prefix}/run", 10, 3
+    args = ["python", "-m", "job.train", "--corpus", corpus, "--output", out, "--config", config,
+            "--num-workers", "2", "--epochs", str(epochs), "--run-name", "kill", "--max-failures", "2",
+            "--checkpoint-every-steps", str(interval)]
+    before = {a["actor_id"] for a in ray_cluster.train_actors()}
+    job = ray_cluster.start(args)
+    try:
+        # Wait for a mid-epoch checkpoint (not an epoch end) inside epoch 1 or later.
+        deadline = time.monotonic() + 300
+        while True:
+            assert job.proc.poll() is None, job.wait(10).describe()
+            assert time.monotonic() < deadline, "no mid-epoch checkpoint in 300 s"
+            newest = _newest_checkpoint(out, "kill")
+            if newest and newest["epoch"] >= 1 and newest["step_in_epoch"] > 0:
+                break
+            time.sleep(0.2)
+        workers = sorted((a for a in ray_cluster.train_actors()
+                          if a["actor_id"] not in before and a["class_name"] == "RayTrainWorker"
+                          and a["state"] == "ALIVE"), key=lambda a: a["pid"])
+        assert len(workers) == 2, workers
+        victim = workers[-1]["pid"]
+        assert pid_alive(victim)
+        at_kill = _newest_checkpoint(out, "kill")
+        os.kill(victim, signal.SIGKILL)
+    finally:
+        result = job.wait(480)
+    assert result.ok, result.describe()
+    resumed = re.findall(r"resumed from checkpoint: epoch (\d+), step (\d+) of the next epoch, global step (\d+)",
+                         result.logs)
+    assert resumed, result.logs[-3000:]
+    epoch, step_in_epoch, step = (int(x) for x in resumed[0])
+    # The newest checkpoint complete when the worker died (or one written in the instant before): lost work
+    # is under one checkpoint interval, and the resume lands inside the epoch, not at its start.
+    assert step >= at_kill["global_step"] and step % interval == 0, (resumed, at_kill)
+    if step == at_kill["global_step"]:
+        assert (epoch, step_in_epoch) == (at_kill["epoch"], at_kill["step_in_epoch"]), (resumed, at_kill)
+    lines = metrics_lines(s3_server, out)
+    assert [m["epoch"] for m in lines] == list(range(1, epochs + 1))
+    from job import export
+
+    loaded = export.load(out)
+    assert loaded.config["workers"] == 2 and loaded.config["epoch"] >= 1

@@ -1,0 +1,50 @@
+"""The benchmark's pure parts: the parameter and traffic formulas behind the README's sizing estimate, and
+the scaling table. (The benchmark itself is `make bench`, never a test.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import run, scale_bench
+from job.config import PRESETS, TrainConfig
+
+
+@pytest.mark.parametrize("preset", ["default", "seed-small", "seed-large"])
+def test_param_count_matches_the_built_model(preset):
+    from job import model as model_lib
+
+    cfg = TrainConfig(**{**PRESETS[preset], "preset": preset, "output": "x"})
+    built = model_lib.build(cfg, 45)
+    assert scale_bench.param_count(cfg, 45) == built.count_params()
+
+
+def test_sizing_follows_ring_all_reduce():
+    cfg = TrainConfig(**{**PRESETS["default"], "output": "x"})
+    hw = scale_bench.Hardware(name="test", tflops_fp32=10.0, link_gbps=80.0)  # 10 GB/s
+    z = scale_bench.sizing(cfg, 45, [1, 2, 4], hw)
+    one, two, four = z["rows"]
+    assert one["allreduce_mb_per_worker"] == 0 and one["efficiency"] == 1.0
+    # Ring all-reduce: each worker sends 2(N-1)/N of the gradient.
+    assert two["allreduce_mb_per_worker"] == pytest.approx(z["gradient_mb"])
+    assert four["allreduce_mb_per_worker"] == pytest.approx(1.5 * z["gradient_mb"])
+    assert four["comm_ms"] == pytest.approx(1.5 * z["gradient_mb"] / 10)  # MB at 10 GB/s, in ms
+    assert z["chars_per_worker_step"] == cfg.batch_size * cfg.seq_len
+    assert one["chars_per_sec"] < two["chars_per_sec"] < four["chars_per_sec"]
+    assert 1.0 > two["efficiency"] > four["efficiency"]
+
+
+def test_scaling_table_renders_measured_rows_and_errors():
+    hw = run.SIZING_HARDWARE
+    cfg = TrainConfig(**{**PRESETS["default"], "output": "x"})
+    sc = {
+        "measured": {"preset": "default", "cpus_per_worker": 1, "epochs": 6, "rows": [
+            {"workers": 1, "global_batch": 64, "chars_per_sec": 20000.0, "speedup": 1.0, "efficiency": 1.0},
+            {"workers": 2, "error": "exit 1: boom"},
+        ]},
+        "sizing": {"default": scale_bench.sizing(cfg, 45, [1, 8], hw),
+                   "gpu_example": {"config": {"units": [1024]}, **scale_bench.sizing(cfg, 45, [1, 8], hw)}},
+    }
+    text = "\n".join(run.scaling_markdown(sc))
+    assert "| 1 | 64 | 20,000 | 1.00x | 100% |" in text
+    assert "error: exit 1: boom" in text
+    assert "units [1024]" in text and "On paper" in text
