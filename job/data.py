@@ -125,25 +125,14 @@ def _check_heldout(n: int, split: int, context: int) -> None:
         )
 
 
-def make_dataset(ids: np.ndarray, starts: np.ndarray, seq_len: int, all_positions: bool):
-    """tf.data pipeline for one worker and one epoch: each element is one batch (x, y).
-
-    `starts` is this worker's shard of the epoch plan, shape (steps, B) — already shuffled and
-    disjoint from the other workers', so TF's own auto-sharding is switched off.
-    """
+def gather_batch(text, row, seq_len: int, all_positions: bool):
+    """One batch (x, y) from window starts `row` (shape (B,)), in TensorFlow ops, for use inside the compiled
+    training step: the text stays on the device and each epoch's plan is fed as plain start indices, so no
+    per-epoch input pipeline is built (a new tf.data pipeline per epoch cost 15% of a 300 s run)."""
     import tensorflow as tf
 
-    text = tf.constant(ids, dtype=tf.int32)
-    offsets = tf.range(seq_len, dtype=tf.int64)
-
-    def gather(row):
-        idx = row[:, None] + offsets[None, :]
-        x = tf.gather(text, idx)
-        y = tf.gather(text, idx + 1) if all_positions else tf.gather(text, row + seq_len)[:, None]
-        return x, y
-
-    ds = tf.data.Dataset.from_tensor_slices(starts).map(gather, num_parallel_calls=tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    options.deterministic = True
-    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+    row = tf.cast(row, tf.int32)
+    idx = row[:, None] + tf.range(seq_len, dtype=tf.int32)[None, :]
+    x = tf.gather(text, idx)
+    y = tf.gather(text, idx + 1) if all_positions else tf.gather(text, row + seq_len)[:, None]
+    return x, y

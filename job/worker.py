@@ -198,11 +198,15 @@ class Trainer:
             signal = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(signal))
             return loss, [tf.stop_gradient(s) for s in new_states], signal
 
-        def steps(iterator, states, signal, count: int):
+        text = tf.constant(self.train_ids, dtype=tf.int32)
+        all_positions = cfg.target == "all"
+
+        def steps(starts, states, signal, count: int):
             total = tf.constant(0.0)
             summed = tf.zeros([2])
-            for _ in range(count):
-                loss, states, summed = strategy.run(replica_step, args=(next(iterator), states, signal))
+            for i in range(count):
+                batch = data.gather_batch(text, starts[i], cfg.seq_len, all_positions)
+                loss, states, summed = strategy.run(replica_step, args=(batch, states, signal))
                 total += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
             # Each replica holds the same all-reduced vector; take one copy rather than summing again.
             return total, states, strategy.experimental_local_results(summed)[0]
@@ -291,9 +295,7 @@ class Trainer:
         while p.epoch < cfg.epochs and not p.stopped_early:
             plan = self.plan_fn(len(self.train_ids), cfg.seq_len, self.global_batch, p.epoch, cfg.seed)
             steps_total = len(plan)
-            mine = data.shard(plan, self.rank, self.world)[p.step_in_epoch:]
-            dataset = data.make_dataset(self.train_ids, mine, cfg.seq_len, cfg.target == "all")
-            iterator = iter(self.strategy.distribute_datasets_from_function(lambda _ctx, ds=dataset: ds))
+            mine = data.shard(plan, self.rank, self.world).astype(np.int32)  # (steps, per-worker batch)
             states = self._zero_states()
             epoch_start = time.monotonic()
             chars_this_epoch = 0
@@ -305,7 +307,8 @@ class Trainer:
                     count = 1  # one more step so that every worker learns of the stop together
                 self._apply_learning_rate(agreed_elapsed)
                 signal = self.tf.constant([over, p.elapsed_sec], dtype=self.tf.float32)
-                loss_sum, states, summed = self._steps(iterator, states, signal, count)
+                starts = self.tf.constant(mine[p.step_in_epoch:p.step_in_epoch + count])
+                loss_sum, states, summed = self._steps(starts, states, signal, count)
                 stop, agreed_elapsed = (float(x) for x in summed.numpy())
                 agreed_elapsed /= self.world
                 p.step_in_epoch += count
