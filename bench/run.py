@@ -336,7 +336,10 @@ def scaling_markdown(sc: dict[str, Any]) -> list[str]:
             f"### On paper: {title}{extra}", "",
             f"{z['params']:,} parameters = {z['gradient_mb']:.2f} MB of fp32 gradient all-reduced per step; "
             f"{z['chars_per_worker_step']:,} predicted chars and {z['gflop_per_worker_step']:.2f} GFLOP "
-            f"(3x forward) per worker per step. Assumed: {hw['name']}.", "",
+            f"(3x forward) per worker per step. Assumed: {hw['name']}, at least {hw['launch_us']:g} µs per "
+            f"layer, time step and pass. Compute per step: {z['flops_ms']:.2f} ms of FLOPs, "
+            f"{z['latency_ms']:.2f} ms of sequential launches"
+            f"{' (latency-bound: a GPU is mostly idle at this size)' if z['latency_bound'] else ''}.", "",
             "| GPU workers | global batch | all-reduce MB sent per worker | compute ms | all-reduce ms | "
             "chars/s | scaling efficiency |",
             "|---:|---:|---:|---:|---:|---:|---:|",

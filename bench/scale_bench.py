@@ -45,6 +45,9 @@ class Hardware:
     name: str
     tflops_fp32: float  # achieved, not peak: what cuDNN LSTMs of this size sustain
     link_gbps: float  # per-node network bandwidth available to the all-reduce
+    # A recurrent layer runs its time steps one after another: each (layer, time step, pass) costs at least
+    # a kernel launch, so small batches are latency-bound whatever the FLOP/s.
+    launch_us: float = 10.0
 
 
 def sizing(cfg, vocab: int, workers: list[int], hw: Hardware) -> dict[str, Any]:
@@ -56,7 +59,9 @@ def sizing(cfg, vocab: int, workers: list[int], hw: Hardware) -> dict[str, Any]:
     grad_bytes = 4 * params
     chars = cfg.batch_size * (cfg.seq_len if cfg.target == "all" else 1)
     flops = 3 * common.forward_flops_per_predicted_char(cfg, vocab) * chars
-    compute_ms = flops / (hw.tflops_fp32 * 1e12) * 1e3
+    flops_ms = flops / (hw.tflops_fp32 * 1e12) * 1e3
+    latency_ms = cfg.seq_len * len(cfg.units) * 3 * hw.launch_us / 1e3  # forward + ~2x backward
+    compute_ms = max(flops_ms, latency_ms)
     rows = []
     for n in workers:
         traffic = 2 * (n - 1) / n * grad_bytes if n > 1 else 0.0
@@ -68,6 +73,7 @@ def sizing(cfg, vocab: int, workers: list[int], hw: Hardware) -> dict[str, Any]:
             "chars_per_sec": n * chars / (step_ms / 1e3), "efficiency": compute_ms / step_ms,
         })
     return {"params": params, "gradient_mb": grad_bytes / 1e6, "chars_per_worker_step": chars,
+            "flops_ms": flops_ms, "latency_ms": latency_ms, "latency_bound": latency_ms > flops_ms,
             "gflop_per_worker_step": flops / 1e9, "hardware": hw.__dict__, "rows": rows}
 
 

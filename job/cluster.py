@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from job.errors import UserError
+from job.errors import UserError, install_sigterm_handler
 
 
 def connect(num_workers: int, cpus_per_worker: float) -> None:
@@ -20,6 +20,7 @@ def connect(num_workers: int, cpus_per_worker: float) -> None:
         need = num_workers * cpus_per_worker
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
                  include_dashboard=False, log_to_driver=True)
+    install_sigterm_handler()  # ray.init replaced ours with a bare sys.exit: `ray job stop` must abort cleanly
 
 
 def check_capacity(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:

@@ -35,12 +35,19 @@ def _on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def install_sigterm_handler():
+    """Route SIGTERM through `_on_sigterm` (main thread only); returns the handler it replaced, or None.
+    Called again after `ray.init`, which installs its own SIGTERM handler (a bare sys.exit that skips Ray
+    Train's abort and reads as a crash)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run a CLI entry point; turn UserError into one line on stderr and exit code 2, Ctrl-C into
     "interrupted" (130) and SIGTERM into "terminated" (143), never a traceback."""
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = install_sigterm_handler()
     _Terminated.flag = False
     try:
         return int(main(argv) or 0)

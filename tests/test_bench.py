@@ -20,7 +20,7 @@ def test_param_count_matches_the_built_model(preset):
 
 def test_sizing_follows_ring_all_reduce():
     cfg = TrainConfig(**{**PRESETS["default"], "output": "x"})
-    hw = scale_bench.Hardware(name="test", tflops_fp32=10.0, link_gbps=80.0)  # 10 GB/s
+    hw = scale_bench.Hardware(name="test", tflops_fp32=10.0, link_gbps=80.0, launch_us=0.0)  # 10 GB/s
     z = scale_bench.sizing(cfg, 45, [1, 2, 4], hw)
     one, two, four = z["rows"]
     assert one["allreduce_mb_per_worker"] == 0 and one["efficiency"] == 1.0
@@ -31,6 +31,9 @@ def test_sizing_follows_ring_all_reduce():
     assert z["chars_per_worker_step"] == cfg.batch_size * cfg.seq_len
     assert one["chars_per_sec"] < two["chars_per_sec"] < four["chars_per_sec"]
     assert 1.0 > two["efficiency"] > four["efficiency"]
+    # With a launch cost per (layer, time step, pass), small models become latency-bound.
+    slow = scale_bench.sizing(cfg, 45, [1], scale_bench.Hardware("t", 10.0, 80.0, launch_us=10.0))
+    assert slow["latency_bound"] and slow["rows"][0]["compute_ms"] == pytest.approx(50 * 2 * 3 * 10 / 1e3)
 
 
 def test_scaling_table_renders_measured_rows_and_errors():
