@@ -64,8 +64,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Sampler batch sizes (default 1,64,512,2048).")
     p.add_argument("--gen-length", type=int, default=500, help="Characters generated per sample (default 500).")
     p.add_argument("--gen-repeats", type=int, default=3, help="Timed calls per batch size, median (default 3).")
-    p.add_argument("--gen-units", type=_int_list, default=[256, 256],
-                   help="LSTM sizes of the generation model (default 256,256; the default preset has 512,512).")
+    p.add_argument("--gen-units", type=_int_list, default=None,
+                   help="LSTM sizes of the generation model (default: the shipped default preset's).")
     p.add_argument("--gen-temperature", type=float, default=1.0,
                    help="Sampling temperature for our sampler (default 1.0; 0 = greedy).")
     p.add_argument("--tutorial-chars", type=int, default=100,
@@ -416,6 +416,10 @@ def plot_gen(results: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.gen_units is None:
+        from job.config import PRESETS
+
+        args.gen_units = list(PRESETS["default"]["units"])
     corpus = check_corpus(args.corpus)
     if args.seconds <= 0 or args.gen_length < 1 or args.gen_repeats < 1 or args.tutorial_chars < 1:
         raise BenchError("--seconds, --gen-length, --gen-repeats and --tutorial-chars must be positive")

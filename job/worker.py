@@ -411,6 +411,7 @@ class Trainer:
             p.epochs_without_improvement += 1
             if cfg.lr_decay < 1.0 and p.epochs_without_improvement >= cfg.lr_patience:
                 self._set_learning_rate((p.learning_rate or cfg.learning_rate) * cfg.lr_decay)
+                self._apply_learning_rate(p.elapsed_sec)  # report the rate the next step will use
                 p.epochs_without_improvement = 0
         metrics["learning_rate"] = self._learning_rate()
         if not partial:

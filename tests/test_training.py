@@ -73,11 +73,13 @@ def _latest_variables(out: Path) -> dict:
 
 
 def test_resume_ends_as_if_uninterrupted(tiny_corpus, tmp_path):
-    straight = make_cfg("default", tiny_corpus, tmp_path / "a", epochs=3)
+    # No annealing here: it follows the planned end of the run, and a run planned for 1 epoch then extended
+    # to 3 is meant to anneal differently from one planned for 3.
+    straight = make_cfg("default", tiny_corpus, tmp_path / "a", epochs=3, lr_anneal=0.0)
     train_func(straight.to_dict())
-    first = make_cfg("default", tiny_corpus, tmp_path / "b", epochs=1)
+    first = make_cfg("default", tiny_corpus, tmp_path / "b", epochs=1, lr_anneal=0.0)
     train_func(first.to_dict())
-    resumed = train_func(make_cfg("default", tiny_corpus, tmp_path / "b", epochs=3).to_dict())
+    resumed = train_func(make_cfg("default", tiny_corpus, tmp_path / "b", epochs=3, lr_anneal=0.0).to_dict())
     assert resumed["epoch"] == 3
     a, b = _latest_variables(tmp_path / "a"), _latest_variables(tmp_path / "b")
     assert a.keys() == b.keys()
@@ -129,7 +131,7 @@ def test_checkpoint_every_steps_and_mid_epoch_resume(tiny_corpus, tmp_path):
 
 def test_regularisers_and_learning_rate_decay_on_plateau(tiny_corpus, tmp_path):
     cfg = make_cfg("default", tiny_corpus, tmp_path / "out", epochs=5, input_dropout=0.1, weight_decay=0.01,
-                   lr_decay=0.5, lr_patience=1, learning_rate=0.3)  # far too high: the loss must stall
+                   lr_decay=0.5, lr_patience=1, learning_rate=0.3, lr_anneal=0.0)  # far too high: the loss stalls
     train_func(cfg.to_dict())
     lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     rates = [round(m["learning_rate"], 6) for m in lines]
@@ -140,6 +142,28 @@ def test_regularisers_and_learning_rate_decay_on_plateau(tiny_corpus, tmp_path):
             assert rate < rates[m["epoch"] - 2]
     loaded = export.load(str(tmp_path / "out"))
     assert "dropout_in" in [layer.name for layer in loaded.model.layers]
+
+
+def test_anneal_factor_is_flat_then_a_half_cosine_to_zero():
+    from job.worker import anneal_factor
+
+    assert anneal_factor(0.9, 0.0) == 1.0
+    assert anneal_factor(0.0, 0.3) == anneal_factor(0.7, 0.3) == 1.0
+    assert anneal_factor(0.85, 0.3) == pytest.approx(0.5)
+    assert anneal_factor(1.0, 0.3) == pytest.approx(0.0) and anneal_factor(1.5, 0.3) == pytest.approx(0.0)
+    xs = [anneal_factor(i / 100, 1.0) for i in range(101)]
+    assert xs == sorted(xs, reverse=True)
+
+
+def test_learning_rate_anneals_to_zero_by_the_last_step(tiny_corpus, tmp_path):
+    cfg = make_cfg("default", tiny_corpus, tmp_path / "out", epochs=4, lr_anneal=0.5, lr_decay=1.0,
+                   learning_rate=0.01)
+    train_func(cfg.to_dict())
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    rates = [m["learning_rate"] for m in lines]  # the rate of each epoch's last step
+    assert rates[0] == pytest.approx(0.01) and rates[1] == pytest.approx(0.01)  # first half: constant
+    assert 0.001 < rates[2] < 0.01 and rates[3] < 0.001
+    assert export.load(str(tmp_path / "out")).config["lr_anneal"] == 0.5
 
 
 def test_a_larger_budget_continues_a_run_that_stopped_on_its_budget(tiny_corpus, tmp_path):
