@@ -289,6 +289,8 @@ class Trainer:
         chars_per_step = self.global_batch * (cfg.seq_len if cfg.target == "all" else 1)
         over = 0.0  # becomes 1.0 once this worker's clock passes the budget
         agreed_elapsed = p.elapsed_sec  # the workers' mean clock, as of the last all-reduce
+        # Planned length of the run for annealing by steps (epoch plans differ by at most a step: fixed here so
+        # the schedule never jumps).
         self._total_steps = cfg.epochs * len(self.plan_fn(len(self.train_ids), cfg.seq_len, self.global_batch,
                                                           0, cfg.seed))
         self._budget = budget
