@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -90,7 +91,10 @@ class Session:
 
     def log(self, line: str) -> None:
         if self.rank == 0:
-            print(line, flush=True)
+            # Not print(): inside a Ray Train worker, print is patched to go both to Ray Train's logger and to
+            # the (wrapped) stdout, so every line reached the job log twice.
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
 
 class LocalSession(Session):

@@ -60,6 +60,8 @@ def test_two_workers_through_ray_job_submit(ray_cluster, s3_server, job_inputs, 
     result = ray_cluster.submit(args, env={"CHARLSTM_TEST_DUMP_WEIGHTS": str(dumps)}, timeout=420)
     assert result.ok, result.describe()
     assert "global batch 8 (4 per worker)" in result.logs
+    # One line per epoch in the job log (Ray Train's patched print once doubled every line).
+    assert sum("epoch   1/2" in line for line in result.logs.splitlines()) == 1, result.logs[-3000:]
 
     keys = keys_under(s3_server, out)
     for required in ("model/model.keras", "model/vocab.json", "model/config.json", "metrics.jsonl", "loss.png",
