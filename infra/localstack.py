@@ -442,6 +442,10 @@ def start_ray_head(state_dir: Path, *, num_cpus: int = DEFAULT_NUM_CPUS,
     # Job entrypoints say `python ...`: make that the venv's interpreter (the one with TensorFlow).
     env["PATH"] = os.pathsep.join([str(venv_bin()), env.get("PATH", "/usr/bin:/bin")])
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Every process of this head (Ray Train's PlacementGroupCleaner among them) resolves "the cluster" from
+    # RAY_ADDRESS, else from /tmp/ray/ray_current_cluster, which the last `ray start` on the machine wrote
+    # (--temp-dir only moves where this head writes it, not where Ray's actors read it).
+    env["RAY_ADDRESS"] = f"127.0.0.1:{ports['gcs']}"
     # Ray replaces --node-ip-address 127.0.0.1 by the machine's routable IP unless multi-node support is
     # off (services.resolve_ip_for_localhost); a single-node stack has no use for it, so stay on loopback.
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

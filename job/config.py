@@ -53,6 +53,11 @@ class TrainConfig:
 
     corpus: str = DEFAULT_CORPUS_URL
     output: str = ""
+    # Prepared dataset (train.bin / val.bin / meta.json, job.prepare); default <output>/data. Prepared from
+    # --corpus when it holds none for the same files and options, reused otherwise.
+    dataset: str | None = None
+    min_char_count: int | None = None  # None: auto (1 below 20M chars: every character kept)
+    skip_bad_files: bool = False
     preset: str = "default"
     # Model / optimisation (preset fills these).
     input_mode: str = "embedding"
@@ -84,6 +89,13 @@ class TrainConfig:
     sample_chars: int = 300
     # Cap on held-out windows scored each epoch for last-target presets (full set in job.evaluate).
     val_max_windows: int = 2000
+    # Cap on held-out characters scored per evaluation for all-position presets: an evenly spread, fixed
+    # subset of windows (the whole held-out part in job.evaluate).
+    val_max_chars: int = 1_000_000
+    # Also evaluate (held-out loss, sample, best-model export, checkpoint) every N optimizer steps; 0: epoch ends.
+    eval_every_steps: int = 0
+    # A progress line (step, loss, chars/s, ETA) at most this often; 0: none between evaluations.
+    log_every_seconds: float = 30.0
     # Distributed job (Ray Train).
     num_workers: int = 1
     use_gpu: bool = False
@@ -102,6 +114,13 @@ class TrainConfig:
     def run(self) -> str:
         """The run's name: Ray's RunConfig name and the checkpoints/<name>/ folder resume looks in."""
         return self.run_name or "run"
+
+    @property
+    def data_url(self) -> str:
+        """Where the prepared dataset lives: --dataset, or <output>/data."""
+        from job import storage
+
+        return self.dataset or storage.join(self.output, "data")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,6 +163,11 @@ class TrainConfig:
         _check(self.lr_patience >= 1, f"lr_patience must be >= 1 (got {self.lr_patience})")
         _check(self.steps_per_call >= 1, f"steps_per_call must be >= 1 (got {self.steps_per_call})")
         _check(self.checkpoints_to_keep >= 1, "checkpoints_to_keep must be >= 1")
+        _check(self.eval_every_steps >= 0, f"--eval-every-steps must be >= 0 (got {self.eval_every_steps})")
+        _check(self.log_every_seconds >= 0, f"--log-every-seconds must be >= 0 (got {self.log_every_seconds})")
+        _check(self.val_max_chars >= 100, f"--val-max-chars must be >= 100 (got {self.val_max_chars})")
+        _check(self.min_char_count is None or self.min_char_count >= 1,
+               f"--min-char-count must be >= 1 (got {self.min_char_count})")
         _check(not (self.in_process and self.num_workers > 1),
                "--in-process trains one worker; drop it or use --num-workers 1")
         return self
@@ -160,8 +184,15 @@ def train_parser() -> argparse.ArgumentParser:
         description="Train a character-level LSTM on a text corpus with Ray Train "
         "(MultiWorkerMirroredStrategy); checkpoints and the exported model go to --output.",
     )
-    p.add_argument("--corpus", help="URL or path of a UTF-8 text (s3://, https://, file://, local path). "
+    p.add_argument("--corpus", help="UTF-8 text: a file, a folder / prefix (every file below it, sorted) or a glob "
+                   "(s3://bucket/books/*.txt); s3://, https://, file:// or a local path. "
                    f"Default: Alice in Wonderland on Project Gutenberg ({DEFAULT_CORPUS_URL}).")
+    p.add_argument("--dataset", help="Prepared dataset URL (python -m job.prepare); default <output>/data. "
+                   "Prepared there from --corpus unless it already holds one for the same files and options.")
+    p.add_argument("--min-char-count", type=int, help="Characters seen fewer times map to one unknown id that "
+                   "generation never emits (default: auto, 1 per 10M corpus chars: small corpora keep every char).")
+    p.add_argument("--skip-bad-files", action="store_true", default=None,
+                   help="Skip (and count) empty, binary or non-UTF-8 files of a many-file corpus instead of failing.")
     p.add_argument("--output", help="Where results go: local folder or s3://bucket/prefix (required).")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="Model preset: seed-small / seed-large reproduce the tutorial's two models; "
@@ -185,6 +216,12 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-failures", type=int, help="Worker-group restarts allowed before failing (default 3).")
     g.add_argument("--checkpoint-every-steps", type=int,
                    help="Also checkpoint every N optimizer steps (default 0: only at epoch ends).")
+    g.add_argument("--eval-every-steps", type=int,
+                   help="Also evaluate, write outputs and checkpoint every N optimizer steps (default 0: epoch ends).")
+    g.add_argument("--log-every-seconds", type=float,
+                   help="Progress line (step, loss, chars/s, ETA) at most every N seconds (default 30; 0: off).")
+    g.add_argument("--val-max-chars", type=int,
+                   help="Held-out characters scored per evaluation: an even, fixed subset (default 1,000,000).")
     g.add_argument("--precision", choices=PRECISIONS,
                    help="float32 (default), or mixed_float16 / mixed_bfloat16 on GPUs.")
     g.add_argument("--in-process", action="store_true", default=None,
@@ -252,7 +289,7 @@ def _coerce_types(cfg: TrainConfig) -> None:
         if value is None:
             continue
         try:
-            if f.type in ("int",):
+            if f.type in ("int", "int | None"):
                 if isinstance(value, bool) or float(value) != int(float(value)):
                     raise ValueError
                 setattr(cfg, f.name, int(float(value)))

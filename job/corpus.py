@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -63,53 +64,118 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+UNKNOWN_CHAR = "\ufffd"  # what the unknown id decodes to (Unicode's replacement character)
+_NO_ID = -1
+
+
+@functools.lru_cache(maxsize=8)
+def _lookup_table(chars: tuple[str, ...], unknown: bool) -> np.ndarray:
+    """Code point -> id (int32, 0x110000 entries, 4.4 MB). Cached per vocabulary, outside the dataclass so a
+    Vocab stays small when pickled to Ray workers. Read-only so no caller can corrupt the shared copy."""
+    table = np.full(0x110000, len(chars) - 1 if unknown else _NO_ID, np.int32)
+    table[[ord(c) for c in chars]] = np.arange(len(chars), dtype=np.int32)
+    table.flags.writeable = False
+    return table
+
+
+def code_points(text: str) -> np.ndarray:
+    """The code points of `text` as uint32, without a Python loop ("surrogatepass" keeps lone surrogates, which
+    strict UTF-8 input never has, from raising: they are simply characters no vocabulary holds)."""
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+
+
 @dataclass(frozen=True)
 class Vocab:
-    """Sorted distinct characters; id = position in `chars`."""
+    """Sorted distinct characters; id = position in `chars`.
+
+    With `has_unknown=True` the last id is the unknown id: `chars[-1]` is U+FFFD (what it decodes to) and every
+    character outside the vocabulary encodes to it. A kept U+FFFD is moved there from its sorted place, so the
+    unknown id is always the last one and doubles as the id of a real U+FFFD."""
 
     chars: tuple[str, ...]
+    has_unknown: bool = False  # (not `unknown`: that name is the method listing characters outside `chars`)
+
+    def __post_init__(self) -> None:
+        if self.has_unknown and (not self.chars or self.chars[-1] != UNKNOWN_CHAR):
+            raise ValueError("a vocabulary with an unknown id must end with U+FFFD")
 
     @classmethod
     def from_text(cls, text: str) -> Vocab:
         return cls(tuple(sorted(set(text))))
 
+    @classmethod
+    def from_counts(cls, counts: np.ndarray, min_count: int = 1) -> Vocab:
+        """Characters (indexed by code point in `counts`) seen at least `min_count` times, sorted; if some seen
+        character falls below the threshold, an unknown id is added for all of them."""
+        counts = np.asarray(counts)
+        kept = [chr(c) for c in np.flatnonzero(counts >= max(1, min_count))]
+        rare = bool(np.any((counts > 0) & (counts < min_count)))
+        if not rare:
+            return cls(tuple(kept))
+        return cls(tuple(c for c in kept if c != UNKNOWN_CHAR) + (UNKNOWN_CHAR,), has_unknown=True)
+
     def __len__(self) -> int:
         return len(self.chars)
+
+    @property
+    def unknown_id(self) -> int | None:
+        return len(self.chars) - 1 if self.has_unknown else None
 
     @property
     def index(self) -> dict[str, int]:
         return {c: i for i, c in enumerate(self.chars)}
 
+    @property
+    def lookup_table(self) -> np.ndarray:
+        """Read-only int32 array: code point -> id (-1 for characters outside a vocabulary without unknown id)."""
+        return _lookup_table(self.chars, self.has_unknown)
+
     def unknown(self, text: str) -> list[str]:
+        """The distinct characters of `text` outside `chars`, sorted."""
         known = set(self.chars)
         return sorted({c for c in text if c not in known})
 
+    def encode_code_points(self, cps: np.ndarray) -> np.ndarray:
+        """Ids (int32) for an array of code points; -1 where a character is outside the vocabulary (only
+        possible without an unknown id)."""
+        return self.lookup_table[cps]
+
     def encode(self, text: str, skip_unknown: bool = False) -> np.ndarray:
-        missing = self.unknown(text)
-        if missing and not skip_unknown:
-            shown = ", ".join(repr(c) for c in missing[:10])
+        ids = self.encode_code_points(code_points(text))
+        if self.has_unknown or not len(ids):
+            return ids
+        missing = ids < 0
+        if not missing.any():
+            return ids
+        if not skip_unknown:
+            chars = self.unknown(text)
+            shown = ", ".join(repr(c) for c in chars[:10])
             raise UserError(
-                f"text has {len(missing)} character(s) outside the model's vocabulary: {shown}; "
+                f"text has {len(chars)} character(s) outside the model's vocabulary: {shown}; "
                 "remove them (or use --unknown-chars skip where offered)"
             )
-        index = self.index
-        return np.fromiter((index[c] for c in text if c in index), dtype=np.int32)
+        return ids[~missing]
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
     def to_json(self) -> str:
-        return json.dumps({"chars": list(self.chars)}, ensure_ascii=False, indent=0)
+        return json.dumps({"chars": list(self.chars), "unknown": self.has_unknown}, ensure_ascii=False, indent=0)
 
     @classmethod
     def from_json(cls, text: str) -> Vocab:
         try:
-            chars = json.loads(text)["chars"]
-        except (ValueError, KeyError, TypeError):
+            data = json.loads(text)
+            chars = data["chars"]
+            has_unknown = data.get("unknown", False)  # absent in files written before the unknown id existed
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise UserError("vocab.json is malformed; it must hold {\"chars\": [...]}") from None
-        if not chars or len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
+        if not chars or len(set(chars)) != len(chars) or any(not isinstance(c, str) or len(c) != 1 for c in chars):
             raise UserError("vocab.json must list distinct single characters")
-        return cls(tuple(chars))
+        if not isinstance(has_unknown, bool) or (has_unknown and chars[-1] != UNKNOWN_CHAR):
+            raise UserError("vocab.json: \"unknown\" must be true or false, and when true the last char must be "
+                            "U+FFFD")
+        return cls(tuple(chars), has_unknown=has_unknown)
 
 
 def split_point(n: int, val_fraction: float) -> int:

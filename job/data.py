@@ -69,39 +69,120 @@ def shard(plan: np.ndarray, index: int, count: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class HeldOut:
-    """Held-out windows: inputs x (N, W), targets y (N, W) and a 0/1 mask of scored positions."""
+    """Held-out windows over `ids` (the held-out ids with their context, e.g. a memory-mapped val.bin), kept as
+    arithmetic rather than arrays: window `k` is computed when a batch needs it, so a 100 MB held-out part
+    costs a few small arrays, and a capped evaluation is an evenly spread subset of window numbers.
 
-    x: np.ndarray
-    y: np.ndarray
-    mask: np.ndarray
+    `segments` rows are (offset, context, scored): ids[offset : offset+context] only precede the scored
+    ids[offset+context : offset+context+scored] (one row per file of a prepared corpus; GUIDE §3 protocol).
+    target "all": windows of `context_chars + score` inputs, stride `score`, scoring each target once with at
+    least `context_chars` characters before it. target "last": one window of `width` chars per scored target.
+    """
+
+    ids: np.ndarray
+    segments: np.ndarray  # (S, 3) int64
+    target: str
+    width: int
+    context_chars: int
+    score: int
+    chosen: np.ndarray | None = None  # window numbers of a subset (None: all)
+
+    @property
+    def counts(self) -> np.ndarray:
+        scored = self.segments[:, 2]
+        if self.target == "all":
+            return -(-scored // self.score)
+        first = self.segments[:, 0] + np.maximum(self.segments[:, 1], self.width)  # targets with full context
+        return np.maximum(0, self.segments[:, 0] + self.segments[:, 1] + scored - first)
+
+    @property
+    def windows(self) -> int:
+        return int(self.counts.sum()) if self.chosen is None else len(self.chosen)
 
     @property
     def chars(self) -> int:
-        return int(self.mask.sum())
+        lo, hi = self._spans(self._all_or_chosen())[1:3]
+        return int((hi - lo).sum())
+
+    def subset(self, max_chars: int) -> HeldOut:
+        """An evenly spread, fixed subset of windows scoring about `max_chars` characters (all if fewer)."""
+        per = self.score if self.target == "all" else 1
+        total = int(self.counts.sum())
+        wanted = max(1, max_chars // per)
+        if total <= wanted:
+            return self
+        chosen = np.unique(np.linspace(0, total - 1, wanted).round().astype(np.int64))
+        return HeldOut(self.ids, self.segments, self.target, self.width, self.context_chars, self.score, chosen)
+
+    def _all_or_chosen(self) -> np.ndarray:
+        return np.arange(int(self.counts.sum()), dtype=np.int64) if self.chosen is None else self.chosen
+
+    def _spans(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input start in ids, first scored position, one past the last) of each window number."""
+        counts = self.counts
+        seg = np.searchsorted(np.cumsum(counts), windows, side="right")
+        k = windows - (np.cumsum(counts) - counts)[seg]
+        offset, context, scored = (self.segments[seg, i] for i in range(3))
+        if self.target == "last":
+            target = offset + np.maximum(context, self.width) + k
+            start = target - self.width
+            return start, np.full_like(start, self.width - 1), np.full_like(start, self.width)
+        # heldout_all_positions' loop in closed form: window k scores from split + k*score; the last one is
+        # pulled back to end at the segment's end and scores only what is left.
+        length = context + scored  # ids in the segment
+        width = np.minimum(self.width, length - 1)
+        first = context + k * self.score
+        start = np.minimum(first - self.context_chars - 1, length - 1 - width)
+        end = np.minimum(start + width, length - 1)  # last target index
+        return offset + start, first - start - 1, end - start
+
+    def batches(self, size: int):
+        """Yield (x, y, mask) numpy batches: x int32 (b, width); y (b, width) or (b, 1); mask float32."""
+        windows = self._all_or_chosen()
+        cols = np.arange(self.width, dtype=np.int64)
+        n = len(self.ids)
+        for i in range(0, len(windows), size):
+            start, lo, hi = self._spans(windows[i : i + size])
+            idx = start[:, None] + cols[None, :]
+            # Short segments give short windows: pad on the right (never scored, and a causal LSTM's earlier
+            # outputs do not depend on later inputs).
+            x = np.asarray(self.ids[np.minimum(idx, n - 1)], dtype=np.int32)
+            if self.target == "last":
+                y = np.asarray(self.ids[start + self.width], dtype=np.int32)[:, None]
+                yield x, y, np.ones_like(y, dtype=np.float32)
+                continue
+            y = np.asarray(self.ids[np.minimum(idx + 1, n - 1)], dtype=np.int32)
+            mask = ((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])).astype(np.float32)
+            yield x, y, mask
+
+    def dense(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All windows at once (tests and small corpora)."""
+        parts = list(self.batches(max(1, self.windows)))
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+
+def heldout(ids: np.ndarray, segments, target: str, seq_len: int, context: int = 100, score: int = 100) -> HeldOut:
+    """Held-out windows over prepared held-out ids (see HeldOut); refuses segments without enough context."""
+    segments = np.asarray(segments, dtype=np.int64).reshape(-1, 3)
+    need = context if target == "all" else seq_len
+    if not len(segments) or (target == "all" and segments[:, 1].min() < need + 2):
+        bad = segments[np.argmin(segments[:, 1])] if len(segments) else np.zeros(3, np.int64)
+        _check_heldout(int(bad[1] + bad[2]), int(bad[1]), need)
+    held = (HeldOut(ids, segments, "all", context + score, context, score) if target == "all"
+            else HeldOut(ids, segments, "last", seq_len, seq_len, 1))
+    if held.windows < 1:
+        _check_heldout(int(segments[:, 1:].sum()), int(segments[:, 1].max()), need)
+    return held
 
 
 def heldout_all_positions(ids: np.ndarray, split: int, context: int = 100, score: int = 100) -> HeldOut:
-    """GUIDE §3 protocol for all-position models: windows of context+score chars, stride `score`,
-    scoring the last `score` targets of each, so every target in ids[split:] is scored exactly once
-    and has at least `context` characters before it (the last window is pulled back to end at the
+    """GUIDE §3 protocol for all-position models over one text split at `split`: windows of context+score
+    chars, stride `score`, scoring the last `score` targets of each, so every target in ids[split:] is scored
+    exactly once and has at least `context` characters before it (the last window is pulled back to end at the
     text's end and scores only what was not scored yet)."""
     n = len(ids)
     _check_heldout(n, split, context)
-    width = min(context + score, n - 1)
-    xs, ys, masks = [], [], []
-    first = split  # first target index not yet scored
-    while first < n:
-        start = first - context - 1  # input ids[start:start+width] -> targets ids[start+1:...]
-        start = min(start, n - 1 - width)
-        end_target = min(start + width, n - 1)  # last target index in this window
-        xs.append(ids[start : start + width])
-        ys.append(ids[start + 1 : start + 1 + width])
-        m = np.zeros(width, np.float32)
-        lo = first - (start + 1)
-        m[lo : end_target - start] = 1.0
-        masks.append(m)
-        first = end_target + 1
-    return HeldOut(np.stack(xs).astype(np.int32), np.stack(ys).astype(np.int32), np.stack(masks))
+    return heldout(ids, [[0, split, n - split]], "all", 0, context, score)
 
 
 def heldout_last_position(ids: np.ndarray, split: int, seq_len: int, max_windows: int | None = None) -> HeldOut:
@@ -109,12 +190,8 @@ def heldout_last_position(ids: np.ndarray, split: int, seq_len: int, max_windows
     ids[t-seq_len:t]. `max_windows` takes an evenly spaced subset (a quick per-epoch estimate)."""
     n = len(ids)
     _check_heldout(n, split, seq_len)
-    targets = np.arange(split, n)
-    if max_windows and len(targets) > max_windows:
-        targets = targets[np.linspace(0, len(targets) - 1, max_windows).astype(np.int64)]
-    x = np.stack([ids[t - seq_len : t] for t in targets]).astype(np.int32)
-    y = ids[targets].astype(np.int32)[:, None]
-    return HeldOut(x, y, np.ones_like(y, dtype=np.float32))
+    held = heldout(ids, [[0, split, n - split]], "last", seq_len)
+    return held.subset(max_windows) if max_windows else held
 
 
 def _check_heldout(n: int, split: int, context: int) -> None:
@@ -125,14 +202,9 @@ def _check_heldout(n: int, split: int, context: int) -> None:
         )
 
 
-def gather_batch(text, row, seq_len: int, all_positions: bool):
-    """One batch (x, y) from window starts `row` (shape (B,)), in TensorFlow ops, for use inside the compiled
-    training step: the text stays on the device and each epoch's plan is fed as plain start indices, so no
-    per-epoch input pipeline is built (a new tf.data pipeline per epoch cost 15% of a 300 s run)."""
-    import tensorflow as tf
-
-    row = tf.cast(row, tf.int32)
-    idx = row[:, None] + tf.range(seq_len, dtype=tf.int32)[None, :]
-    x = tf.gather(text, idx)
-    y = tf.gather(text, idx + 1) if all_positions else tf.gather(text, row + seq_len)[:, None]
-    return x, y
+def gather_windows(ids: np.ndarray, starts: np.ndarray, seq_len: int) -> np.ndarray:
+    """ids[s : s + seq_len + 1] for every window start (any shape), as int32 (..., seq_len + 1): inputs are
+    [..., :-1], next-character targets [..., 1:], the last-character target [..., -1:]. Reads only those
+    windows from `ids` (a memory map): each step's batch is fed to the compiled step as an argument."""
+    starts = np.asarray(starts, dtype=np.int64)
+    return np.asarray(ids[starts[..., None] + np.arange(seq_len + 1)], dtype=np.int32)

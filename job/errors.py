@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 class UserError(Exception):
@@ -42,6 +43,47 @@ def install_sigterm_handler():
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+class _Deferred:
+    active = False
+    pending: int | None = None
+
+
+def _record(signum, frame) -> None:
+    _Deferred.pending = signum
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Inside: Ctrl-C and SIGTERM are only recorded, and `check_interrupt()` raises them at a safe point.
+
+    Python runs a signal handler between bytecodes, which can be in the middle of TensorFlow's tracing code:
+    a KeyboardInterrupt raised there once surfaced as `SystemError: ... bad argument to internal function`
+    (exit 1, a traceback) instead of a clean stop. Used around an in-process training loop, which calls
+    check_interrupt() after every compiled call; a no-op outside the main thread (Ray actors)."""
+    if threading.current_thread() is not threading.main_thread() or _Deferred.active:
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    _Deferred.active, _Deferred.pending = True, None
+    signal.signal(signal.SIGINT, _record)
+    signal.signal(signal.SIGTERM, _record)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+        _Deferred.active = False
+    check_interrupt()
+
+
+def check_interrupt() -> None:
+    """Raise a Ctrl-C / SIGTERM recorded by deferred_interrupts() (KeyboardInterrupt; run_cli reports it)."""
+    signum, _Deferred.pending = _Deferred.pending, None
+    if signum is not None:
+        _Terminated.flag = signum == signal.SIGTERM
+        raise KeyboardInterrupt
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

@@ -1,5 +1,7 @@
-"""Held-out loss of an exported model (GUIDE §3): `python -m job.evaluate --model URL --corpus URL`.
+"""Held-out loss of an exported model over the whole held-out part: `python -m job.evaluate --model URL`.
 
+The held-out part is the prepared dataset's (job.prepare: the tail of every file, each scored character with
+at least 100 characters of context), read from a memory map in batches, so memory does not grow with it.
 Prints one JSON line: {"loss_nats": ..., "bits_per_char": ..., "chars": ...}.
 """
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 
 import numpy as np
 
@@ -20,8 +23,10 @@ from job.errors import UserError, run_cli
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m job.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="Training --output URL or its model/ folder.")
-    p.add_argument("--corpus", required=True, help="Corpus URL (the one the model was trained on).")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="Held-out tail fraction (default 0.1).")
+    p.add_argument("--dataset", help="Prepared dataset URL (default: the one the model was trained on).")
+    p.add_argument("--corpus", help="Score this corpus instead (a file, folder or glob, prepared into a temporary "
+                   "folder with the model's cleaning options).")
+    p.add_argument("--val-fraction", type=float, help="With --corpus: held-out fraction (default: the model's).")
     p.add_argument("--batch-size", type=int, default=256, help="Windows scored per call (default 256).")
     return p
 
@@ -49,14 +54,50 @@ class HeldOutScorer:
         self._batch_loss = tf.function(batch_loss, reduce_retracing=True)
 
     def __call__(self, held: data.HeldOut) -> float:
-        total, b = 0.0, self.batch_size
-        for i in range(0, len(held.x), b):
-            total += float(self._batch_loss(held.x[i : i + b], held.y[i : i + b], held.mask[i : i + b]))
-        return total / held.chars
+        total, chars = 0.0, 0.0
+        for x, y, mask in held.batches(self.batch_size):  # bounded memory, whatever the held-out size
+            total += float(self._batch_loss(x, y, mask))
+            chars += float(mask.sum())
+        return total / chars
+
+
+class _Mapped:
+    """Dataset ids seen through the model's vocabulary (a dataset prepared on its own has its own ids)."""
+
+    def __init__(self, ids: np.ndarray, table: np.ndarray):
+        self.ids, self.table = ids, table
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        return self.table[np.asarray(self.ids[index], dtype=np.int64)]
+
+
+def id_table(source: corpus_lib.Vocab, target: corpus_lib.Vocab) -> np.ndarray | None:
+    """Map ids of `source` to ids of `target` (None when they are the same vocabulary)."""
+    if source == target:
+        return None
+    index, unknown = target.index, target.unknown_id
+    missing = [c for c in source.chars if c not in index and not (source.has_unknown and c == source.chars[-1])]
+    if missing and unknown is None:
+        shown = ", ".join(repr(c) for c in missing[:10])
+        raise UserError(f"the held-out text has {len(missing)} character(s) the model never saw: {shown}; "
+                        "score it with a model trained on it")
+    return np.array([index.get(c, unknown if unknown is not None else -1) for c in source.chars], np.int32)
+
+
+def score_dataset(model, cfg: TrainConfig, vocab: corpus_lib.Vocab, ds, batch_size: int = 256) -> dict:
+    table = id_table(ds.vocab, vocab)
+    val = ds.val if table is None else _Mapped(ds.val, table)
+    held = data.heldout(val, ds.val_segments, cfg.target, cfg.seq_len)
+    loss = HeldOutScorer(cfg, model, len(vocab), batch_size)(held)
+    return {"loss_nats": loss, "bits_per_char": loss / np.log(2), "chars": held.chars}
 
 
 def evaluate(model, cfg: TrainConfig, vocab: corpus_lib.Vocab, text: str, val_fraction: float,
              batch_size: int = 256) -> dict:
+    """The same protocol over one cleaned text held in memory (small corpora: tests, benchmarks)."""
     ids = vocab.encode(text)
     split = corpus_lib.split_point(len(ids), val_fraction)
     held = heldout_windows(cfg, ids, split)
@@ -66,16 +107,28 @@ def evaluate(model, cfg: TrainConfig, vocab: corpus_lib.Vocab, text: str, val_fr
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if not 0 < args.val_fraction <= 0.5:
+    if args.val_fraction is not None and not 0 < args.val_fraction <= 0.5:
         raise UserError(f"--val-fraction must be in (0, 0.5] (got {args.val_fraction})")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
-    from job import export
+    if args.dataset and args.corpus:
+        raise UserError("give --dataset or --corpus, not both")
+    from job import export, prepare
 
     exported = export.load(args.model)
     cfg = TrainConfig.from_dict(exported.config)
-    corpus = corpus_lib.load(args.corpus, lowercase=exported.config.get("lowercase", True))
-    result = evaluate(exported.model, cfg, exported.vocab, corpus.text, args.val_fraction, args.batch_size)
+    with tempfile.TemporaryDirectory(prefix="charlstm-eval-") as tmp:
+        if args.corpus:
+            val_fraction = args.val_fraction or float(exported.config.get("val_fraction", 0.1))
+            prepare.prepare(args.corpus, tmp, lowercase=exported.config.get("lowercase", True),
+                            val_fraction=val_fraction, min_char_count=1, log=lambda _line: None)
+            url = tmp
+        else:
+            url = args.dataset or exported.config.get("dataset")
+            if not url:
+                raise UserError("the model does not name its dataset (trained before job.prepare existed); "
+                                "give --corpus URL or --dataset URL")
+        result = score_dataset(exported.model, cfg, exported.vocab, prepare.open_local(url), args.batch_size)
     print(json.dumps(result), flush=True)
     return 0
 

@@ -213,7 +213,8 @@ class ShardGenerator:
         cfg = exported.config
         self.seq_len = int(cfg.get("seq_len", 100))
         self.input_mode = cfg.get("input_mode", "embedding")
-        self.sampler = Sampler(exported.model, self.input_mode, len(self.vocab), self.seq_len)
+        self.sampler = Sampler(exported.model, self.input_mode, len(self.vocab), self.seq_len,
+                               self.vocab.unknown_id)
 
     def _prompt_ids(self, text: str) -> np.ndarray:
         ids = self.vocab.encode(text)
@@ -246,11 +247,15 @@ class ShardGenerator:
 
 
 def _run_in_process(plan: Plan, todo: list[int], progress) -> list[dict[str, Any]]:
-    generator = ShardGenerator(plan)
+    from job.errors import check_interrupt, deferred_interrupts
+
     done = []
-    for index in todo:
-        done.append(generator.run(index))
-        progress(done[-1])
+    with deferred_interrupts():  # Ctrl-C / SIGTERM stop between shards, never inside TensorFlow
+        generator = ShardGenerator(plan)
+        for index in todo:
+            done.append(generator.run(index))
+            progress(done[-1])
+            check_interrupt()
     return done
 
 

@@ -22,8 +22,10 @@ def format_seconds(seconds: float) -> str:
 
 
 def epoch_line(m: dict[str, Any]) -> str:
+    where = (f"epoch {m['epoch']:>3}/{m['epochs']}" if m.get("kind", "epoch") == "epoch"
+             else f"eval at step {m['global_step']:,} (epoch {m['epoch_float']:.2f})")
     return (
-        f"epoch {m['epoch']:>3}/{m['epochs']}  train {m['train_loss']:.4f}  "
+        f"{where}  train {m['train_loss']:.4f}  "
         f"val {m['val_loss']:.4f} nats ({m['val_bpc']:.3f} bits/char)  "
         f"{m['chars_per_sec']:,.0f} chars/s  elapsed {format_seconds(m['elapsed_sec'])}  "
         f"eta {format_seconds(m['eta_sec'])}"
@@ -35,9 +37,9 @@ def write_metrics(output: str, history: list[dict[str, Any]]) -> None:
     storage.write_text(storage.join(output, "metrics.jsonl"), text)
 
 
-def write_sample(output: str, epoch: int, prompt: str, text: str) -> None:
+def write_sample(output: str, name: str, prompt: str, text: str) -> None:
     body = f"{prompt}\n---\n{text}\n"
-    storage.write_text(storage.join(output, "samples", f"epoch-{epoch:03d}.txt"), body)
+    storage.write_text(storage.join(output, "samples", f"{name}.txt"), body)
 
 
 def loss_plot_png(history: list[dict[str, Any]], title: str) -> bytes:
@@ -46,7 +48,7 @@ def loss_plot_png(history: list[dict[str, Any]], title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [m["epoch"] for m in history]
+    epochs = [m.get("epoch_float", m["epoch"]) for m in history]  # evaluations inside an epoch fall between
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(epochs, [m["train_loss"] for m in history], marker="o", label="train")
     ax.plot(epochs, [m["val_loss"] for m in history], marker="o", label="held-out")

@@ -84,11 +84,16 @@ def choose(logits: tf.Tensor, temperature, top_k, top_p, keys: tf.Tensor, step) 
 class Sampler:
     """Generates continuations for a batch of equal-length prompts of character ids."""
 
-    def __init__(self, model, input_mode: str, vocab_size: int, seq_len: int):
+    def __init__(self, model, input_mode: str, vocab_size: int, seq_len: int, unknown_id: int | None = None):
         self.model = model
         self.input_mode = input_mode
         self.vocab_size = vocab_size
         self.seq_len = seq_len
+        # The unknown id stands for characters too rare to learn (job.prepare --min-char-count): never emitted.
+        bias = np.zeros(vocab_size, np.float32)
+        if unknown_id is not None:
+            bias[unknown_id] = -np.inf
+        self._bias = tf.constant(bias)
         self._fn = tf.function(
             self._generate_embedding if input_mode == "embedding" else self._generate_window,
             reduce_retracing=True,
@@ -131,7 +136,7 @@ class Sampler:
 
         def body(t, ids, states, out):
             logits, states = step(ids, states)
-            nxt = choose(logits, temperature, top_k, top_p, keys, t)
+            nxt = choose(tf.cast(logits, tf.float32) + self._bias, temperature, top_k, top_p, keys, t)
             return t + 1, nxt, states, out.write(t, nxt)
 
         out = tf.TensorArray(tf.int32, size=length)
@@ -145,7 +150,7 @@ class Sampler:
 
         def body(t, window, out):
             probs = self.model(model_lib.scale_ids(window, self.vocab_size), training=False)
-            logits = tf.math.log(tf.maximum(tf.cast(probs, tf.float32), 1e-30))
+            logits = tf.math.log(tf.maximum(tf.cast(probs, tf.float32), 1e-30)) + self._bias
             nxt = choose(logits, temperature, top_k, top_p, keys, t)
             window = tf.concat([window[:, 1:], nxt[:, None]], axis=1)
             return t + 1, window, out.write(t, nxt)

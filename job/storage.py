@@ -651,3 +651,164 @@ def delete(url: str, recursive: bool = False) -> None:
             return
         with contextlib.suppress(FileNotFoundError):
             fs.rm(path, recursive=recursive)
+
+
+# ------------------------------------------------------------------------- listings and streamed files
+# Used by the prepare stage (job/prepare.py): a corpus may be one file, a folder/prefix or a glob, read as a
+# stream (never whole into memory), and its listing (names, sizes, versions) decides whether a prepared dataset
+# is still current without reading any file's contents.
+
+_GLOB_CHARS = "*?["
+
+
+def is_glob(url: str) -> bool:
+    return any(c in str(url) for c in _GLOB_CHARS)
+
+
+def _version(details: dict) -> str | None:
+    """What changes when an object's contents change: the S3 ETag, else whatever date the filesystem gives."""
+    for key in ("ETag", "etag", "mtime_ns", "LastModified", "last_modified", "Last-Modified", "mtime", "created"):
+        value = details.get(key)
+        if value not in (None, ""):
+            return str(value)
+    return None
+
+
+def _local_entry(url: str, path: str, name: str) -> dict:
+    st = os.stat(path)
+    return {"url": url, "name": name, "size": st.st_size, "version": str(st.st_mtime_ns)}
+
+
+def _hidden(name: str) -> bool:
+    return any(part.startswith(".") for part in name.split("/"))
+
+
+def info(url: str) -> dict:
+    """{"url", "type": "file" | "directory", "size", "version"} for one file/object or folder/prefix (one
+    request on S3). A missing path is a one-line UserError."""
+    with translate_errors(url):
+        if is_local(url):
+            path = local_path(url)
+            if os.path.isdir(path):
+                return {"url": url, "type": "directory", "size": 0, "version": None}
+            entry = _local_entry(url, path, os.path.basename(path))
+            return {"url": url, "type": "file", "size": entry["size"], "version": entry["version"]}
+        fs, path = _fsspec(url)
+        details = fs.info(path)
+        kind = "directory" if details.get("type") == "directory" else "file"
+        return {"url": url, "type": kind, "size": details.get("size"), "version": _version(details)}
+
+
+def walk_files(url: str) -> list[dict]:
+    """Every file under folder/prefix `url`, recursively, sorted by name: {"url", "name" (relative, with "/"),
+    "size", "version"}. Names with a part starting with "." (.git, .DS_Store, our own temporary files) and S3
+    "folder marker" objects are left out."""
+    with translate_errors(url):
+        out = []
+        if is_local(url):
+            root = local_path(url)
+            if not os.path.isdir(root):
+                raise FileNotFoundError(root)
+            for dirpath, dirs, files in os.walk(root):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                for fname in files:
+                    path = os.path.join(dirpath, fname)
+                    name = os.path.relpath(path, root).replace(os.sep, "/")
+                    if not _hidden(name):
+                        out.append(_local_entry(join(url, *name.split("/")), path, name))
+            return sorted(out, key=lambda e: e["name"])
+        fs, path = _fsspec(url)
+        if _scheme(url) in ("s3", "s3a") and "/" not in path.strip("/"):
+            fs.call_s3("head_bucket", Bucket=path.strip("/"))  # a missing bucket is an error, not "nothing here"
+        root = path.rstrip("/")
+        for item, details in fs.find(root, detail=True).items():
+            item = item.split("://", 1)[-1]
+            if details.get("type") == "directory" or item.endswith("/") or not item.startswith(root + "/"):
+                continue  # folder markers (zero-size "dir/" objects) and the prefix itself
+            name = item[len(root) + 1:]
+            if not _hidden(name):
+                out.append({"url": join(url, name), "name": name, "size": details.get("size"),
+                            "version": _version(details)})
+        return sorted(out, key=lambda e: e["name"])
+
+
+def glob(url: str) -> list[dict]:
+    """Files matching the fsspec glob `url` (`*`, `?`, `[...]`, `**`), sorted by name, in walk_files' shape; a
+    name is relative to the folder above the first wildcard. Hidden names are left out as in walk_files."""
+    if _scheme(url) in ("http", "https"):
+        raise UserError(f"cannot expand {url}: wildcards need a listing, which https does not give; "
+                        "use a local path or s3:// URL")
+    with translate_errors(url):
+        if is_local(url):
+            import fsspec
+
+            pattern = os.path.abspath(local_path(url)).replace(os.sep, "/")
+            prefix = "file://" if _scheme(url) == "file" else ""
+            fs = fsspec.filesystem("file")
+        else:
+            fs, pattern = _fsspec(url)
+            prefix = url.split("://", 1)[0] + "://"
+        first = min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)
+        root = pattern[:first].rsplit("/", 1)[0]
+        out = []
+        for item, details in fs.glob(pattern, detail=True).items():
+            item = item.split("://", 1)[-1]
+            if details.get("type") == "directory" or item.endswith("/") or not item.startswith(root + "/"):
+                continue
+            name = item[len(root) + 1:]
+            if _hidden(name):
+                continue
+            if is_local(url):
+                out.append(_local_entry(prefix + item, item, name))  # mtime_ns: fsspec's float mtime is coarser
+            else:
+                out.append({"url": prefix + item, "name": name, "size": details.get("size"),
+                            "version": _version(details)})
+        return sorted(out, key=lambda e: e["name"])
+
+
+@contextlib.contextmanager
+def open_read(url: str) -> Iterator:
+    """A binary file object reading `url` as a stream (for S3, ranged GETs as the reader advances); failures,
+    while opening or while reading inside the `with` block, become one-line UserErrors naming `url`."""
+    with translate_errors(url):
+        if is_local(url):
+            fh = open(local_path(url), "rb")  # closed by the `with fh` below
+        else:
+            fs, path = _fsspec(url)
+            fh = fs.open(path, "rb")
+        with fh:
+            yield fh
+
+
+def upload_file(local_file: str, url: str) -> None:
+    """Copy a local file to `url`, atomically for readers: local = temporary name + rename in the same folder;
+    S3 = one PUT, or a multipart upload completed only after its last part (and aborted on failure)."""
+    with translate_errors(url):
+        if is_local(url):
+            _atomic_local_copy(local_file, local_path(url))
+            return
+        if _scheme(url) in ("http", "https"):
+            raise UserError(f"cannot write to {url}: https URLs are read-only; write to s3:// or a path")
+        fs, path = _fsspec(url)
+        fs.put_file(local_file, path)
+
+
+def download_file(url: str, local_file: str) -> None:
+    """Copy `url` to a local file, atomically: written under a temporary name in the same folder and renamed,
+    so a reader (another worker on this node) sees no file or the whole file."""
+    with translate_errors(url):
+        if is_local(url):
+            _atomic_local_copy(local_path(url), local_file)
+            return
+        directory = os.path.dirname(os.path.abspath(local_file))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(local_file)}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            fs, path = _fsspec(url)
+            fs.get_file(path, tmp)
+            os.replace(tmp, local_file)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise

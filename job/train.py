@@ -13,24 +13,18 @@ from typing import Any
 
 from job import cluster, storage
 from job.config import TrainConfig, load_train_config
-from job.errors import UserError, run_cli
+from job.errors import run_cli
 
 
-def preflight(cfg: TrainConfig) -> None:
-    """Fail fast, before Ray starts or anything is written: the corpus must be usable and --output writable
-    (its bucket exists and answers these credentials, or its local folder can take files)."""
-    from job import corpus as corpus_lib
-    from job import data
+def preflight(cfg: TrainConfig) -> dict[str, Any]:
+    """Before Ray starts: --output must be writable (its bucket exists and answers these credentials, or its
+    local folder can take files), and the prepared dataset must exist for this corpus and these options (made
+    here once, streaming the raw files; reused on resubmission and resume, so workers never read raw text) and
+    be long enough for one batch and the held-out protocol."""
+    from job.worker import ensure_dataset
 
-    corpus = corpus_lib.load(cfg.corpus, lowercase=not cfg.keep_case)
-    n = len(corpus.text)
-    split = corpus_lib.split_point(n, cfg.val_fraction)
-    plan = data.stream_plan if cfg.stateful else data.sliding_plan
-    plan(split, cfg.seq_len, cfg.batch_size * cfg.num_workers, 0, cfg.seed)
-    context = 100 if cfg.target == "all" else cfg.seq_len
-    if split < context + 2:
-        raise UserError(f"corpus too short: {n} chars; need more than {context} before the held-out part")
     storage.check_writable(cfg.output)
+    return ensure_dataset(cfg, log=lambda line: print(line, flush=True))
 
 
 def launch_ray(cfg: TrainConfig) -> dict[str, Any]:

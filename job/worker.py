@@ -19,9 +19,18 @@ from typing import Any
 
 import numpy as np
 
-from job import corpus as corpus_lib
 from job import data, report, storage
 from job.config import TrainConfig
+from job.errors import check_interrupt, deferred_interrupts
+from job.schedule import (
+    ProgressTicker,
+    anneal_factor,
+    due,
+    eta_seconds,
+    progress_line,
+    record_evaluation,
+    steps_in_next_call,
+)
 from job.session import Session, detect_session
 
 
@@ -64,18 +73,6 @@ def _make_optimizer(cfg: TrainConfig):
     return opt
 
 
-def anneal_factor(done: float, anneal: float) -> float:
-    """Learning-rate multiplier when a fraction `done` of the run is over: 1 until the last `anneal` of
-    the run, then a half cosine down to 0 at its end. A time budget is only used well if the rate has come
-    down by the time it runs out; a constant rate leaves the last epochs noisy."""
-    if anneal <= 0:
-        return 1.0
-    start = 1.0 - anneal
-    if done <= start:
-        return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (done - start) / anneal)))
-
-
 def _make_strategy(cpu_threads: int | None = None):
     import tensorflow as tf
 
@@ -91,11 +88,34 @@ def _make_strategy(cpu_threads: int | None = None):
     return tf.distribute.get_strategy()
 
 
+def ensure_dataset(cfg: TrainConfig, log=print) -> dict[str, Any]:
+    """The prepared dataset for this corpus and these options: reused when <dataset> holds it, else made there
+    (job.prepare; streams the raw files once). Returns its meta. A dataset too short for one global batch or
+    for the held-out protocol is refused before anything is written."""
+    from job import prepare
+
+    def long_enough(meta: dict[str, Any]) -> None:
+        plan = data.stream_plan if cfg.stateful else data.sliding_plan
+        plan(meta["train_chars"], cfg.seq_len, cfg.batch_size * cfg.num_workers, 0, cfg.seed)
+        data.heldout(np.zeros(0, np.uint8), meta["val_segments"], cfg.target, cfg.seq_len)
+
+    return prepare.ensure(cfg.corpus, cfg.data_url, lowercase=not cfg.keep_case, val_fraction=cfg.val_fraction,
+                          min_char_count=cfg.min_char_count, skip_bad_files=cfg.skip_bad_files, log=log,
+                          validate=long_enough)
+
+
 def train_func(config: dict[str, Any]) -> dict[str, Any]:
-    """Entry point for one worker. Returns the final metrics (also written to metrics.jsonl)."""
+    """Entry point for one worker. Returns the final metrics (also written to metrics.jsonl).
+
+    Under Ray the driver has prepared the dataset (job.train.preflight); called on its own (in-process, a
+    notebook) the single worker makes sure of it itself."""
     cfg = TrainConfig.from_dict(config)
-    session = detect_session(cfg, in_ray=bool(config.get("_in_ray")))
-    return Trainer(cfg, session).run()
+    in_ray = bool(config.get("_in_ray"))
+    if not in_ray:
+        ensure_dataset(cfg, log=lambda _line: None)
+    session = detect_session(cfg, in_ray=in_ray)
+    with deferred_interrupts():  # Ctrl-C / SIGTERM stop the run after the current step, never inside TensorFlow
+        return Trainer(cfg, session).run()
 
 
 class Trainer:
@@ -107,22 +127,21 @@ class Trainer:
 
     # ---------------------------------------------------------------- set-up
     def _prepare_data(self) -> None:
+        """Memory-map the prepared dataset (the driver prepared it, job.prepare): no worker holds the corpus as
+        a string or a tensor, and only the pages a step touches become resident."""
+        from job import prepare
+
         cfg = self.cfg
-        corpus = corpus_lib.load(cfg.corpus, lowercase=not cfg.keep_case)
-        self.corpus = corpus
-        self.vocab = corpus_lib.Vocab.from_text(corpus.text)
-        ids = self.vocab.encode(corpus.text)
-        self.split = corpus_lib.split_point(len(ids), cfg.val_fraction)
-        self.ids = ids
-        self.train_ids = ids[: self.split]
-        if cfg.target == "all":
-            self.heldout = data.heldout_all_positions(ids, self.split)
-        else:
-            self.heldout = data.heldout_last_position(ids, self.split, cfg.seq_len, cfg.val_max_windows)
+        ds = prepare.open_local(cfg.data_url)
+        self.dataset = ds
+        self.vocab = ds.vocab
+        self.train_ids = ds.train
+        full = data.heldout(ds.val, ds.val_segments, cfg.target, cfg.seq_len)
+        self.heldout_chars = full.chars
+        self.heldout = full.subset(cfg.val_max_chars if cfg.target == "all" else cfg.val_max_windows)
         self.plan_fn = data.stream_plan if cfg.stateful else data.sliding_plan
         self.plan_fn(len(self.train_ids), cfg.seq_len, self.global_batch, 0, cfg.seed)  # fail early if too short
-        prompt_at = max(0, self.split - cfg.seq_len)
-        self.sample_prompt = ids[prompt_at : prompt_at + cfg.seq_len]
+        self.sample_prompt = np.asarray(self.train_ids[-cfg.seq_len:], dtype=np.int32)
 
     def _build(self) -> None:
         import keras
@@ -149,7 +168,7 @@ class Trainer:
         )
         with open(os.path.join(directory, "progress.json"), "w") as f:
             json.dump({"progress": asdict(self.progress), "config": self.cfg.to_dict(),
-                       "vocab": list(self.vocab.chars), "corpus_sha256": self.corpus.sha256}, f)
+                       "vocab": list(self.vocab.chars), "corpus_sha256": self.dataset.meta["corpus_sha256"]}, f)
 
     def _restore_checkpoint(self, directory: str) -> None:
         with open(os.path.join(directory, "progress.json")) as f:
@@ -198,14 +217,16 @@ class Trainer:
             signal = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(signal))
             return loss, [tf.stop_gradient(s) for s in new_states], signal
 
-        text = tf.constant(self.train_ids, dtype=tf.int32)
         all_positions = cfg.target == "all"
 
-        def steps(starts, states, signal, count: int):
+        def steps(windows, states, signal, count: int):
+            # windows: (count, per-worker batch, seq_len + 1) ids, gathered from the memory map by the caller
+            # (a corpus captured as a constant would be held whole by every worker; GUIDE pitfall 15).
             total = tf.constant(0.0)
             summed = tf.zeros([2])
             for i in range(count):
-                batch = data.gather_batch(text, starts[i], cfg.seq_len, all_positions)
+                w = windows[i]
+                batch = (w[:, :-1], w[:, 1:] if all_positions else w[:, -1:])
                 loss, states, summed = strategy.run(replica_step, args=(batch, states, signal))
                 total += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
             # Each replica holds the same all-reduced vector; take one copy rather than summing again.
@@ -249,7 +270,8 @@ class Trainer:
         from job.sample import Sampler
 
         if not hasattr(self, "_sampler"):  # built once: a new Sampler would retrace every epoch
-            self._sampler = Sampler(self.model, self.cfg.input_mode, len(self.vocab), self.cfg.seq_len)
+            self._sampler = Sampler(self.model, self.cfg.input_mode, len(self.vocab), self.cfg.seq_len,
+                                    self.vocab.unknown_id)
         out = self._sampler.generate(self.sample_prompt[None, :], self.cfg.sample_chars, temperature=0.8,
                                seed=self.cfg.seed * 1000 + self.progress.epoch)
         return self.vocab.decode(out[0])
@@ -273,8 +295,8 @@ class Trainer:
         self._check_workers_agree()
         p = self.progress
         self.session.log(
-            f"training {cfg.preset}: {len(self.train_ids):,} train chars, {len(self.ids) - self.split:,} held-out "
-            f"chars ({self.heldout.chars:,} scored each epoch), "
+            f"training {cfg.preset}: {len(self.train_ids):,} train chars, {self.heldout_chars:,} held-out "
+            f"chars ({self.heldout.chars:,} scored per evaluation), "
             f"vocab {len(self.vocab)}, {self.world} worker(s), global batch {self.global_batch} "
             f"({cfg.batch_size} per worker), {self.model.count_params():,} parameters"
         )
@@ -294,23 +316,23 @@ class Trainer:
         self._total_steps = cfg.epochs * len(self.plan_fn(len(self.train_ids), cfg.seq_len, self.global_batch,
                                                           0, cfg.seed))
         self._budget = budget
+        ticker = ProgressTicker(cfg.log_every_seconds, time.monotonic())
         while p.epoch < cfg.epochs and not p.stopped_early:
             plan = self.plan_fn(len(self.train_ids), cfg.seq_len, self.global_batch, p.epoch, cfg.seed)
             steps_total = len(plan)
-            mine = data.shard(plan, self.rank, self.world).astype(np.int32)  # (steps, per-worker batch)
+            mine = data.shard(plan, self.rank, self.world)  # (steps, per-worker batch) window starts
             states = self._zero_states()
             epoch_start = time.monotonic()
             chars_this_epoch = 0
             while p.step_in_epoch < steps_total:
-                count = min(cfg.steps_per_call, steps_total - p.step_in_epoch)
-                if cfg.checkpoint_every_steps:
-                    count = min(count, cfg.checkpoint_every_steps - p.global_step % cfg.checkpoint_every_steps)
-                if over:
-                    count = 1  # one more step so that every worker learns of the stop together
+                count = 1 if over else steps_in_next_call(
+                    cfg.steps_per_call, steps_total - p.step_in_epoch, p.global_step,
+                    (cfg.checkpoint_every_steps, cfg.eval_every_steps))
                 self._apply_learning_rate(agreed_elapsed)
                 signal = self.tf.constant([over, p.elapsed_sec], dtype=self.tf.float32)
-                starts = self.tf.constant(mine[p.step_in_epoch:p.step_in_epoch + count])
-                loss_sum, states, summed = self._steps(starts, states, signal, count)
+                windows = data.gather_windows(self.train_ids, mine[p.step_in_epoch:p.step_in_epoch + count],
+                                              cfg.seq_len)
+                loss_sum, states, summed = self._steps(windows, states, signal, count)
                 stop, agreed_elapsed = (float(x) for x in summed.numpy())
                 agreed_elapsed /= self.world
                 p.step_in_epoch += count
@@ -320,6 +342,11 @@ class Trainer:
                 chars_this_epoch += count * chars_per_step
                 p.elapsed_sec = time.monotonic() - start_clock
                 self._maybe_crash_for_test()
+                check_interrupt()
+                if self.rank == 0 and (line := ticker.tick(time.monotonic(), count, float(loss_sum),
+                                                           count * chars_per_step)):
+                    self.session.log(progress_line(p, cfg.epochs, steps_total, self._total_steps, line,
+                                                   budget))
                 if stop > 0:
                     p.stopped_early = True
                     break
@@ -328,15 +355,16 @@ class Trainer:
                         p.stopped_early = True
                         break
                     over = 1.0  # all-reduced in the next step: every worker stops after the same step
-                if cfg.checkpoint_every_steps and p.global_step % cfg.checkpoint_every_steps == 0 \
-                        and p.step_in_epoch < steps_total:
-                    last_val = p.history[-1]["val_loss"] if p.history else math.inf
-                    self._report({"epoch": p.epoch, "global_step": p.global_step, "val_loss": last_val,
-                                  "train_loss": p.epoch_loss_sum / p.step_in_epoch, "kind": "step"})
+                if p.step_in_epoch < steps_total:
+                    if due(p.global_step, cfg.eval_every_steps):
+                        self._evaluate("eval", steps_total, chars_this_epoch, time.monotonic() - epoch_start)
+                    elif due(p.global_step, cfg.checkpoint_every_steps):
+                        last_val = p.history[-1]["val_loss"] if p.history else math.inf
+                        self._report({"epoch": p.epoch, "global_step": p.global_step, "val_loss": last_val,
+                                      "train_loss": p.epoch_loss_sum / p.step_in_epoch, "kind": "step"})
             if p.step_in_epoch == 0:
                 break  # budget ran out exactly at an epoch boundary
-            self._end_epoch(p.epoch_loss_sum / p.step_in_epoch, chars_this_epoch,
-                            time.monotonic() - epoch_start, steps_total)
+            self._evaluate("epoch", steps_total, chars_this_epoch, time.monotonic() - epoch_start)
         self._dump_weights_for_test()
         final = dict(p.history[-1]) if p.history else {}
         final.update(best_epoch=p.best_epoch, best_score=p.best_score, select_by=cfg.select_by,
@@ -383,27 +411,23 @@ class Trainer:
             np.savez(os.path.join(directory, f"rank-{self.rank}.npz"),
                      *[np.asarray(v.numpy()) for v in self.model.trainable_variables])
 
-    def _end_epoch(self, train_loss: float, chars: int, seconds: float, steps_total: int) -> None:
-        """Held-out loss, metrics line, outputs and checkpoint. An epoch cut short by the time budget is
-        recorded too (partial_epoch) but stays open: a resumed run finishes it and replaces its line."""
+    def _evaluate(self, kind: str, steps_total: int, chars: int, seconds: float) -> None:
+        """Held-out loss, metrics line, outputs and checkpoint, at an epoch's end (kind "epoch") or every
+        --eval-every-steps (kind "eval"). An epoch cut short by the time budget is recorded too (partial_epoch)
+        but stays open: a resumed run finishes it and replaces its line."""
         cfg, p = self.cfg, self.progress
-        val = self.heldout_loss()
-        partial = p.step_in_epoch < steps_total
+        val = self._score(self.heldout)
+        partial = kind == "epoch" and p.step_in_epoch < steps_total
         number = p.epoch + 1
-        rate = chars / max(seconds, 1e-9)
-        eta = (cfg.epochs - number) * (p.elapsed_sec / number)
-        if cfg.max_minutes:
-            eta = min(eta, max(0.0, cfg.max_minutes * 60 - p.elapsed_sec))
+        train_loss = p.epoch_loss_sum / max(1, p.step_in_epoch)
         metrics = {
-            "epoch": number, "epochs": cfg.epochs, "global_step": p.global_step,
-            "train_loss": train_loss, "val_loss": val, "val_bpc": report.bits(val),
-            "chars_per_sec": rate, "elapsed_sec": p.elapsed_sec, "eta_sec": 0.0 if p.stopped_early else eta,
-            "train_chars": p.train_chars, "partial_epoch": partial, "kind": "epoch",
+            "epoch": number, "epochs": cfg.epochs, "epoch_float": p.epoch + p.step_in_epoch / steps_total,
+            "global_step": p.global_step, "train_loss": train_loss, "val_loss": val, "val_bpc": report.bits(val),
+            "chars_per_sec": chars / max(seconds, 1e-9), "elapsed_sec": p.elapsed_sec,
+            "eta_sec": 0.0 if p.stopped_early else eta_seconds(p, self._total_steps, self._budget),
+            "train_chars": p.train_chars, "partial_epoch": partial, "kind": kind,
         }
-        if p.history and p.history[-1]["epoch"] == number:
-            p.history[-1] = metrics
-        else:
-            p.history.append(metrics)
+        record_evaluation(p.history, metrics)
         score = train_loss if cfg.select_by == "train_loss" else val
         improved = score < p.best_score
         if improved:
@@ -416,20 +440,21 @@ class Trainer:
                 self._apply_learning_rate(p.elapsed_sec)  # report the rate the next step will use
                 p.epochs_without_improvement = 0
         metrics["learning_rate"] = self._learning_rate()
-        if not partial:
+        if kind == "epoch" and not partial:
             p.epoch, p.step_in_epoch, p.epoch_loss_sum = number, 0, 0.0
         if self.rank == 0:
             self.session.log(report.epoch_line(metrics))
-            self._write_outputs(improved, number)
+            sample = f"epoch-{number:03d}" if kind == "epoch" else f"step-{p.global_step:09d}"
+            self._write_outputs(improved, sample)
         self._report(metrics)
 
-    def _write_outputs(self, improved: bool, number: int) -> None:
+    def _write_outputs(self, improved: bool, sample_name: str) -> None:
         from job import export
 
         cfg, p, out = self.cfg, self.progress, self.cfg.output
         report.write_metrics(out, p.history)
         report.write_loss_plot(out, p.history, f"charlstm {cfg.preset}")
-        report.write_sample(out, number, self.vocab.decode(self.sample_prompt), self._sample_text())
+        report.write_sample(out, sample_name, self.vocab.decode(self.sample_prompt), self._sample_text())
         if improved:
             export.save(self.model, self.vocab, self.export_config(), storage.join(self.cfg.output, "model"))
 
@@ -441,7 +466,8 @@ class Trainer:
                 "input_dropout", "weight_decay", "lr_decay", "lr_patience", "lr_anneal")
         return {
             **{k: getattr(cfg, k) for k in keys},
-            "corpus": cfg.corpus, "corpus_sha256": self.corpus.sha256, "epoch": last["epoch"],
+            "corpus": cfg.corpus, "dataset": cfg.data_url, "corpus_sha256": self.dataset.meta["corpus_sha256"],
+            "epoch": last["epoch"],
             "global_step": p.global_step, "val_loss": last["val_loss"], "val_bpc": last["val_bpc"],
             "train_loss": last["train_loss"], "workers": self.world, "global_batch": self.global_batch,
             "lowercase": not cfg.keep_case,

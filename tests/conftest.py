@@ -1,4 +1,4 @@
-"""Shared fixtures: a live local S3 (moto server over HTTP) and a Ray head with the job API.
+"""Shared fixtures: a live local S3 (moto server over HTTP), a Ray head with the job API, and synthetic corpora.
 
 Both come from infra/localstack.py (through tests/e2e_helpers.py), the same code `make demo` runs, and both
 stop exactly the processes they started when the session ends, whether tests passed or failed.
@@ -18,6 +18,21 @@ if str(REPO_ROOT) not in sys.path:  # `infra` is not an installed package; tests
     sys.path.insert(0, str(REPO_ROOT))
 
 import e2e_helpers  # noqa: E402  (tests/ is on sys.path: pytest adds the conftest directory)
+import textgen  # noqa: E402
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    """`corpus_file(chars, seed=0, name="corpus.txt")` writes the first `chars` characters (= bytes) of a
+    synthetic Project Gutenberg book (tests/textgen.py) under tmp_path and returns its path. No real book is
+    needed: the suite runs in a fresh clone with nothing beside it."""
+
+    def write(chars: int, seed: int = 0, name: str = "corpus.txt") -> Path:
+        path = tmp_path / name
+        path.write_text(textgen.book(chars, seed), encoding="utf-8")
+        return path
+
+    return write
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,10 @@
 """Corpus cleaning and vocabulary (no TensorFlow)."""
 
-from pathlib import Path
-
 import pytest
+import textgen
 
 from job import corpus
 from job.errors import UserError
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
 NEW = (
     "The Project Gutenberg eBook of Alice\n\nLicense blah\n"
@@ -82,9 +79,17 @@ def test_split_point_is_contiguous_tail():
     assert corpus.split_point(10, 0.01) == 9  # at least one held-out char
 
 
-def test_wonderland_cleans_to_the_story():
-    text = corpus.load(str(SHARED / "wonderland.txt")).text
-    assert text.startswith("alice's adventures in wonderland")
-    assert "project gutenberg" not in text
-    assert text.rstrip().endswith("the end")
-    assert len(corpus.Vocab.from_text(text)) < 60
+@pytest.mark.parametrize("bom", [False, True], ids=["no-bom", "bom"])
+@pytest.mark.parametrize("crlf", [False, True], ids=["lf", "crlf"])
+@pytest.mark.parametrize("style", ["new", "old"])
+def test_a_gutenberg_book_cleans_to_exactly_its_story(tmp_path, style, crlf, bom):
+    """A whole synthetic book (tests/textgen.py) read from a file, as the jobs read a corpus: header and
+    footer boilerplate, BOM and CRLF all go; what is left is the story itself, lowercased, plus one newline."""
+    body = textgen.story(20_000, seed=7)
+    path = tmp_path / "book.txt"
+    path.write_bytes(textgen.gutenberg(body, style=style, crlf=crlf, bom=bom).encode("utf-8"))
+    loaded = corpus.load(str(path))
+    assert loaded.text == body.lower() + "\n"
+    assert loaded.sha256 == corpus.sha256(body.lower() + "\n")
+    assert corpus.load(str(path), lowercase=False).text == body + "\n"
+    assert "gutenberg" not in loaded.text and "\r" not in loaded.text and "\ufeff" not in loaded.text

@@ -64,9 +64,10 @@ def test_heldout_scores_every_target_once_with_context(n):
     ids = np.arange(n, dtype=np.int32)  # id == position, so targets name themselves
     split = int(n * 0.8)
     held = data.heldout_all_positions(ids, split, context=100, score=100)
-    scored = held.y[held.mask > 0]
-    assert sorted(scored.tolist()) == list(range(split, n))
-    for x, y, m in zip(held.x, held.y, held.mask, strict=True):
+    xs, ys, masks = held.dense()
+    scored = ys[masks > 0]
+    assert sorted(scored.tolist()) == list(range(split, n)) and held.chars == n - split
+    for x, y, m in zip(xs, ys, masks, strict=True):
         assert np.array_equal(y, x + 1)  # targets are the next characters
         first = np.argmax(m > 0)
         assert first + 1 >= 100  # at least 100 characters of context before the first scored target
@@ -75,10 +76,12 @@ def test_heldout_scores_every_target_once_with_context(n):
 def test_heldout_last_position():
     ids = np.arange(500, dtype=np.int32)
     held = data.heldout_last_position(ids, 400, seq_len=100)
-    assert held.chars == 100 and np.array_equal(held.y[:, 0], np.arange(400, 500))
-    assert np.array_equal(held.x[0], np.arange(300, 400))
+    x, y, _ = held.dense()
+    assert held.chars == 100 and np.array_equal(y[:, 0], np.arange(400, 500))
+    assert np.array_equal(x[0], np.arange(300, 400))
     sub = data.heldout_last_position(ids, 400, seq_len=100, max_windows=10)
-    assert sub.chars == 10 and sub.y[0, 0] == 400 and sub.y[-1, 0] == 499
+    _, y, _ = sub.dense()
+    assert sub.chars == 10 and y[0, 0] == 400 and y[-1, 0] == 499
 
 
 def test_heldout_needs_enough_training_text():
@@ -86,14 +89,70 @@ def test_heldout_needs_enough_training_text():
         data.heldout_all_positions(np.arange(120, dtype=np.int32), 60)
 
 
-def test_gather_batch_gathers_windows_and_targets():
-    import tensorflow as tf
-
-    text = tf.constant(np.arange(300, dtype=np.int32))
+def test_gather_windows_reads_inputs_and_targets_from_a_memory_map(tmp_path):
+    path = tmp_path / "train.bin"
+    np.arange(300, dtype=np.uint16).tofile(path)
+    ids = np.memmap(path, dtype=np.uint16, mode="r")
     starts = np.array([[0, 10], [20, 30]])
-    x, y = (t.numpy() for t in data.gather_batch(text, starts[1], 5, all_positions=True))
-    assert x.tolist() == [list(range(20, 25)), list(range(30, 35))]
-    assert np.array_equal(y, x + 1)
-    x, y = (t.numpy() for t in data.gather_batch(text, starts[0], 5, all_positions=False))
-    assert x.tolist() == [list(range(0, 5)), list(range(10, 15))]
-    assert y.tolist() == [[5], [15]]
+    w = data.gather_windows(ids, starts, 5)
+    assert w.shape == (2, 2, 6) and w.dtype == np.int32
+    assert w[1, :, :-1].tolist() == [list(range(20, 25)), list(range(30, 35))]  # inputs
+    assert np.array_equal(w[1, :, 1:], w[1, :, :-1] + 1)  # next-character targets
+    assert w[0, :, -1].tolist() == [5, 15]  # last-character targets
+
+
+def _loop_windows(ids: np.ndarray, split: int, context: int = 100, score: int = 100):
+    """The protocol as a plain loop (the closed form in data.HeldOut must give exactly these windows)."""
+    n = len(ids)
+    width = min(context + score, n - 1)
+    xs, ys, masks, first = [], [], [], split
+    while first < n:
+        start = min(first - context - 1, n - 1 - width)
+        end = min(start + width, n - 1)
+        m = np.zeros(width, np.float32)
+        m[first - (start + 1) : end - start] = 1.0
+        xs.append(ids[start : start + width])
+        ys.append(ids[start + 1 : start + 1 + width])
+        masks.append(m)
+        first = end + 1
+    return np.stack(xs), np.stack(ys), np.stack(masks)
+
+
+@pytest.mark.parametrize(("n", "split"), [(900, 720), (1234, 987), (1300, 1040), (150, 110), (5000, 102)])
+def test_heldout_closed_form_matches_the_protocol_loop(n, split):
+    ids = np.random.default_rng(n).integers(0, 50, n).astype(np.int32)
+    want = _loop_windows(ids, split)
+    got = data.heldout_all_positions(ids, split).dense()
+    width = want[0].shape[1]
+    for g, w in zip(got, want, strict=True):
+        assert g.shape[0] == w.shape[0]
+        np.testing.assert_array_equal(g[:, :width], w)
+    assert not got[2][:, width:].any()  # padding past a short segment is never scored
+
+
+def test_heldout_segments_score_each_file_tail_with_its_own_context():
+    # Two files' held-out parts, each after its own context: [ctx 300 | 250 scored] [ctx 150 | 99 scored].
+    ids = np.arange(799, dtype=np.int32)
+    held = data.heldout(ids, [[0, 300, 250], [550, 150, 99]], "all", seq_len=50)
+    x, y, m = held.dense()
+    scored = sorted(y[m > 0].tolist())
+    assert scored == list(range(300, 550)) + list(range(700, 799))
+    for xi, mi in zip(x, m, strict=True):
+        first = int(np.argmax(mi > 0))
+        seg_start = 0 if xi[0] < 550 else 550
+        assert xi[first] - seg_start >= 100 - 1 and xi[-1] < (550 if seg_start == 0 else 799)  # never crosses files
+    last = data.heldout(ids, [[0, 300, 250], [550, 150, 99]], "last", seq_len=100)
+    x, y, _ = last.dense()
+    assert y[:, 0].tolist() == list(range(300, 550)) + list(range(700, 799))
+    assert (x[:, -1] + 1 == y[:, 0]).all() and x.shape[1] == 100
+
+
+def test_heldout_subset_is_even_fixed_and_capped():
+    ids = np.arange(100_000, dtype=np.int32)
+    held = data.heldout_all_positions(ids, 10_000)
+    sub = held.subset(5_000)
+    assert held.chars == 90_000 and 4_900 <= sub.chars <= 5_000 and sub.windows == 50
+    x, _, _ = sub.dense()
+    assert x[0, 0] < 10_000 and x[-1, -1] >= 99_000  # spread over the whole held-out part
+    np.testing.assert_array_equal(sub.dense()[0], held.subset(5_000).dense()[0])  # the same subset every time
+    assert held.subset(10**9) is held

@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import textgen
 
 from job.config import PRESETS, TrainConfig
 from job.worker import train_func
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 TINY = {"units": [24], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 10, "epochs": 1}
 
 
@@ -22,7 +22,7 @@ TINY = {"units": [24], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_c
 def models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("models")
     corpus = root / "corpus.txt"
-    corpus.write_text((SHARED / "wonderland.txt").read_text()[:4000])
+    corpus.write_text(textgen.book(4000))
     out = {}
     for preset in ("default", "seed-small"):
         settings = {**PRESETS[preset], **TINY, "preset": preset, "corpus": str(corpus),

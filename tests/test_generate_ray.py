@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import textgen
 
 from job.config import PRESETS, TrainConfig
 from job.worker import train_func
@@ -20,7 +21,6 @@ from job.worker import train_func
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 TINY = {"units": [24], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 10, "epochs": 1}
 
 
@@ -28,7 +28,7 @@ TINY = {"units": [24], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_c
 def s3_model(s3_server, tmp_path_factory) -> str:
     """A tiny default model trained in-process straight to the local S3."""
     corpus = tmp_path_factory.mktemp("c") / "corpus.txt"
-    corpus.write_text((SHARED / "wonderland.txt").read_text()[:4000])
+    corpus.write_text(textgen.book(4000))
     out = s3_server.url("gen-model")
     settings = {**PRESETS["default"], **TINY, "preset": "default", "corpus": str(corpus), "output": out,
                 "in_process": True}

@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
+import textgen
 import yaml
 from e2e_helpers import pid_alive
+from logcheck import assert_no_traceback_from_our_code
 
 from job import session, storage
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 RAY_WORKER_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=")
 TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20, "steps_per_call": 2,
         "dropout": 0.0, "input_dropout": 0.0}
@@ -32,7 +33,7 @@ TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_c
 
 def _inputs(tmp_path: Path) -> tuple[str, str]:
     corpus = tmp_path / "corpus.txt"
-    corpus.write_bytes((SHARED / "wonderland.txt").read_bytes()[:4000])
+    corpus.write_bytes(textgen.book(4000).encode())
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     return str(corpus), str(config)
@@ -75,11 +76,15 @@ def _wait_for_checkpoint(driver: Driver, root: str, timeout: float = 240) -> Non
         time.sleep(0.2)
 
 
-def _assert_clean_interrupt(driver: Driver, timeout: float = 120, line: str = "interrupted", rc: int = 130) -> None:
+def _assert_clean_interrupt(driver: Driver, timeout: float = 120, line: str = "interrupted", rc: int = 130,
+                            under_ray: bool = False) -> None:
     driver.proc.wait(timeout=timeout)
     err = driver.stderr
     assert driver.proc.returncode == rc, f"rc={driver.proc.returncode}\n{err[-3000:]}"
-    assert "Traceback" not in err, err[-3000:]
+    if under_ray:  # Ray's own processes log here too, sometimes with their internal tracebacks
+        assert_no_traceback_from_our_code(err)
+    else:
+        assert "Traceback" not in err, err[-3000:]
     # The driver's own last line; Ray may still stream worker lines ("(RayTrainWorker pid=...) ...") after it.
     own = [x for x in err.splitlines() if x.strip() and not RAY_WORKER_LINE.match(x)]
     assert own[-1] == line and own.count(line) == 1, err[-2000:]
@@ -146,7 +151,7 @@ def test_ctrl_c_on_ray_driver_stops_every_worker_and_rerun_resumes(ray_cluster, 
         workers = [a for a in ours if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"]
         assert len(workers) == 2 and all(pid_alive(a["pid"]) for a in workers), ours
         driver.ctrl_c()
-        _assert_clean_interrupt(driver)
+        _assert_clean_interrupt(driver, under_ray=True)
     finally:
         driver.kill()  # only if a failed assertion left it running
     # Every actor of the run is gone, processes included (bounded wait: Ray reaps them asynchronously).

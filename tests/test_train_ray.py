@@ -12,17 +12,16 @@ import os
 import re
 import signal
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+import textgen
 import yaml
 
 from job.config import PRESETS, TrainConfig
 
 pytestmark = pytest.mark.e2e
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 # Tiny and dropout-free, so that 1- and 2-worker runs are comparable step by step.
 TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20,
         "steps_per_call": 2, "dropout": 0.0, "input_dropout": 0.0}
@@ -47,7 +46,7 @@ def metrics_lines(s3_server, out_url: str) -> list[dict]:
 @pytest.fixture
 def job_inputs(s3_server, s3_prefix):
     base = s3_prefix.split("/", 3)[3]
-    corpus = upload(s3_server, f"{base}/corpus.txt", (SHARED / "wonderland.txt").read_bytes()[:6000])
+    corpus = upload(s3_server, f"{base}/corpus.txt", textgen.book(6000).encode())
     config = upload(s3_server, f"{base}/tiny.yaml", yaml.safe_dump(TINY).encode())
     return corpus, config, f"{s3_prefix}/run"
 
@@ -105,20 +104,32 @@ def test_two_workers_through_ray_job_submit(ray_cluster, s3_server, job_inputs, 
     assert [m["epoch"] for m in metrics_lines(s3_server, out)] == [1, 2, 3]
 
 
+def _steps_in_first_epoch(corpus_url: str, global_batch: int) -> int:
+    """Steps of epoch 1 of a default-preset run on TINY settings (default seed), from the job's own code."""
+    from job import corpus as corpus_lib
+    from job import data
+
+    cfg = TrainConfig(**{**PRESETS["default"], **TINY, "output": "unused"})
+    split = corpus_lib.split_point(len(corpus_lib.load(corpus_url).text), cfg.val_fraction)
+    return len(data.stream_plan(split, cfg.seq_len, global_batch, 0, cfg.seed))
+
+
 def test_worker_crash_resumes_from_checkpoint(ray_cluster, s3_server, job_inputs, tmp_path):
     corpus, config, out = job_inputs
     marker = tmp_path / "crashed"
-    # 33 steps per epoch here: the second worker dies hard two steps after the epoch-1 checkpoint was
-    # reported, before Ray's controller may have registered it (GUIDE §2 pitfall 14). The resume must
-    # still start from that checkpoint: lost work stays under one checkpoint interval.
-    env = {"CHARLSTM_TEST_CRASH_AT_STEP": "34", "CHARLSTM_TEST_CRASH_MARKER": str(marker)}
+    # The second worker dies hard just after the epoch-1 checkpoint was reported, before Ray's controller
+    # may have registered it (GUIDE §2 pitfall 14). The resume must still start from that checkpoint: lost
+    # work stays under one checkpoint interval.
+    steps = _steps_in_first_epoch(corpus, global_batch=8)
+    assert 25 <= steps <= 40, steps  # about 6000 chars at 8 x 20 chars per step
+    env = {"CHARLSTM_TEST_CRASH_AT_STEP": str(steps + 1), "CHARLSTM_TEST_CRASH_MARKER": str(marker)}
     args = ["python", "-m", "job.train", "--corpus", corpus, "--output", out, "--config", config,
             "--num-workers", "2", "--epochs", "3", "--run-name", "crash", "--max-failures", "2"]
     result = ray_cluster.submit(args, env=env, timeout=480)
     assert result.ok, result.describe()
     assert marker.exists(), "the fault was never injected"
     assert "test fault injection" in result.logs
-    assert "resumed from checkpoint: epoch 1, step 0 of the next epoch, global step 33" in result.logs, \
+    assert f"resumed from checkpoint: epoch 1, step 0 of the next epoch, global step {steps}" in result.logs, \
         result.logs[-3000:]
     assert [m["epoch"] for m in metrics_lines(s3_server, out)] == [1, 2, 3]
     from job import export
@@ -146,7 +157,7 @@ def test_worker_sigkilled_mid_epoch_resumes_from_latest_checkpoint(ray_cluster, 
 
     base = s3_prefix.split("/", 3)[3]
     # ~25k chars: about 140 steps per epoch at global batch 8, so an epoch spans many 10-step checkpoints.
-    corpus = upload(s3_server, f"{base}/corpus.txt", (SHARED / "wonderland.txt").read_bytes()[:25000])
+    corpus = upload(s3_server, f"{base}/corpus.txt", textgen.book(25000).encode())
     config = upload(s3_server, f"{base}/tiny.yaml", yaml.safe_dump(TINY).encode())
     out, interval, epochs = f"{s3_prefix}/run", 10, 3
     args = ["python", "-m", "job.train", "--corpus", corpus, "--output", out, "--config", config,

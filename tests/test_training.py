@@ -5,20 +5,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import textgen
 
 from job import corpus, export
 from job.config import PRESETS, TrainConfig
 from job.evaluate import evaluate
 from job.worker import train_func
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 TINY = {"units": [24, 24], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20, "steps_per_call": 2}
 
 
 @pytest.fixture(scope="module")
 def tiny_corpus(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text((SHARED / "wonderland.txt").read_text()[:4000])
+    path.write_text(textgen.book(4000))
     return str(path)
 
 
@@ -145,7 +145,7 @@ def test_regularisers_and_learning_rate_decay_on_plateau(tiny_corpus, tmp_path):
 
 
 def test_anneal_factor_is_flat_then_a_half_cosine_to_zero():
-    from job.worker import anneal_factor
+    from job.schedule import anneal_factor
 
     assert anneal_factor(0.9, 0.0) == 1.0
     assert anneal_factor(0.0, 0.3) == anneal_factor(0.7, 0.3) == 1.0
@@ -174,3 +174,53 @@ def test_a_larger_budget_continues_a_run_that_stopped_on_its_budget(tiny_corpus,
     assert again["global_step"] == first["global_step"]  # budget spent: nothing more is trained
     more = train_func(make_cfg("default", tiny_corpus, out, epochs=3, max_minutes=60).to_dict())
     assert more["epoch"] == 3 and not more["stopped_early"]
+
+
+def test_step_evaluations_progress_lines_and_capped_heldout(tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    cfg = make_cfg("default", tiny_corpus, out, epochs=1, eval_every_steps=10, log_every_seconds=1e-6,
+                   val_max_chars=100)
+    final = train_func(cfg.to_dict())
+    printed = capsys.readouterr().out
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in lines if m["kind"] == "eval"]
+    assert [m["global_step"] for m in evals] == list(range(10, final["global_step"], 10))
+    assert [m["kind"] for m in lines] == ["eval"] * len(evals) + ["epoch"] and lines[-1]["epoch"] == 1
+    assert all(0 < m["epoch_float"] < 1 for m in evals) and lines[-1]["epoch_float"] == 1
+    for m in evals:
+        assert (out / "samples" / f"step-{m['global_step']:09d}.txt").exists()
+        assert f"eval at step {m['global_step']:,}" in printed
+    assert "(100 scored per evaluation)" in printed  # one 100-char window of the 400-char held-out part
+    progress = [x for x in printed.splitlines() if x.startswith("step ")]
+    assert len(progress) >= final["global_step"] // cfg.steps_per_call - 1 and " chars/s " in progress[-1]
+    # The exported model is the best evaluation's, mid-epoch ones included.
+    best = min(lines, key=lambda m: m["val_loss"])
+    assert export.load(str(out)).config["global_step"] == best["global_step"]
+
+
+def test_rare_characters_map_to_one_unknown_id_that_generation_never_emits(tmp_path):
+    from job.sample import Sampler
+
+    text = textgen.story(6000, seed=5)
+    rare = text[:1500] + "ǂ" + text[1500:3000] + "жж" + text[3000:]  # seen once and twice
+    path = tmp_path / "rare.txt"
+    path.write_text(rare)
+    cfg = make_cfg("default", str(path), tmp_path / "out", epochs=1, min_char_count=3)
+    train_func(cfg.to_dict())
+    from collections import Counter
+
+    counts = Counter(corpus.clean(rare))
+    mapped = {c for c, n in counts.items() if n < 3}
+    assert {"ǂ", "ж"} <= mapped
+    meta = json.loads((tmp_path / "out" / "data" / "meta.json").read_text())
+    assert meta["unknown_chars"]["distinct"] == len(mapped)
+    assert meta["unknown_chars"]["occurrences"] == sum(counts[c] for c in mapped)
+    loaded = export.load(str(tmp_path / "out"))
+    vocab = loaded.vocab
+    assert vocab.has_unknown and vocab.unknown_id == len(vocab) - 1
+    assert set(vocab.chars[:-1]) == set(counts) - mapped
+    prompts = np.tile(vocab.encode("the ")[None, :], (64, 1))
+    out = Sampler(loaded.model, "embedding", len(vocab), 20, vocab.unknown_id).generate(prompts, 200,
+                                                                                          temperature=3.0, seed=1)
+    assert vocab.unknown_id not in set(out.ravel().tolist())
+    assert len(set(out.ravel().tolist())) > len(vocab) // 2  # hot enough to reach rare ids

@@ -1,0 +1,757 @@
+"""The prepare stage: a text corpus -> train.bin, val.bin and meta.json, read by training as np.memmap.
+
+    python -m job.prepare --corpus URL --output URL [--keep-case] [--val-fraction 0.1]
+                          [--min-char-count N|auto] [--skip-bad-files] [--force]
+
+The corpus is one file, a folder/prefix (every file below it) or a glob, local, s3:// or https:// (one file).
+Each file is cleaned exactly as `corpus.clean` would clean it (decoded strictly as UTF-8, normalised, Project
+Gutenberg header and footer removed, trimmed, lowercased unless --keep-case) but as a stream, so memory stays at
+a few chunks of CHUNK_CHARS whatever the corpus size. Two passes: pass 1 reads every raw file once, writes the
+cleaned text to a local temporary file and counts characters; pass 2 encodes that file with the vocabulary.
+
+Held-out text: the tail of every file (`corpus.split_point` per file), so a folder of books is scored on all of
+them rather than on whichever came last in the listing; one file is split exactly as training always did.
+val.bin holds, per file, up to VAL_CONTEXT characters before its split (context, never scored) and then the
+tail; meta.json's val_segments say where each segment starts and how much of it is context.
+
+Outputs appear atomically and meta.json last: a dataset exists only once its meta.json does. meta.json records
+a fingerprint of the corpus listing (names, sizes, versions) and the options, so `ensure` reuses a dataset that
+is still current after listing the corpus, without reading any of it.
+
+No TensorFlow here: this runs before (and apart from) training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import posixpath
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from job import corpus as corpus_lib
+from job import storage
+from job.corpus import Vocab
+from job.errors import UserError, run_cli
+
+FORMAT = "charlstm-dataset"
+FORMAT_VERSION = 1
+TRAIN_FILE, VAL_FILE, META_FILE = "train.bin", "val.bin", "meta.json"
+
+VAL_CONTEXT = 1024  # characters of context stored before each held-out tail (never scored)
+CHUNK_CHARS = 4 << 20  # characters (and raw bytes) handled at a time: bounds memory, amortises Python overhead
+HEAD_CHARS = 1 << 20  # the Gutenberg START marker is looked for in (at least) this much of a file's beginning
+BINARY_PROBE = 65536  # NUL bytes in this many leading bytes mean "binary", as corpus.decode decides
+AUTO_CHARS_PER_COUNT = 10_000_000  # --min-char-count auto: one required occurrence per 10M corpus chars
+FORCE_CUT_CHUNKS = 8  # a text chunk is cut anywhere safe-ish once it reaches this many chunks (see _forced_cut)
+MIN_FORCE_CHARS = 1 << 20  # ... and at least this many characters (tests use tiny chunks)
+MAX_IDS = 1 << 16  # ids are stored as uint16 at most
+
+_SPACE = "\n "  # what corpus.clean strips from both ends of a file
+
+
+class BadFileError(UserError):
+    """A corpus file that cannot be used as text (empty, binary, not UTF-8, nothing left after cleaning).
+    `--skip-bad-files` leaves such files out; any other error (storage, options) always stops the run."""
+
+
+# ------------------------------------------------------------------------------------------ listing
+
+
+@dataclass(frozen=True)
+class Source:
+    url: str
+    name: str  # relative to the corpus root ("/"-separated); the basename for a single file
+    size: int | None
+    version: str | None  # S3 ETag, local mtime_ns, or what the filesystem reports
+
+
+def _is_http(url: str) -> bool:
+    return str(url).lower().startswith(("http://", "https://"))
+
+
+def list_sources(url: str) -> list[Source]:
+    """The files of a corpus, sorted by name: a folder/prefix (trailing "/" or a directory) lists every file
+    below it, a URL with `*?[` is a glob, anything else is one file (https:// always is). Reads no contents."""
+    if _is_http(url):
+        entries = [_single(url)]
+    elif storage.is_glob(url):
+        entries = storage.glob(url)
+    elif url.endswith("/") or storage.info(url)["type"] == "directory":
+        entries = storage.walk_files(url)
+    else:
+        entries = [_single(url)]
+    if not entries:
+        raise UserError(f"corpus {url}: no files found (names starting with '.' are skipped); "
+                        "check the URL, folder or glob")
+    return sorted((Source(e["url"], e["name"], e["size"], e["version"]) for e in entries), key=lambda s: s.name)
+
+
+def _single(url: str) -> dict:
+    details = storage.info(url)
+    name = posixpath.basename(url.split("?", 1)[0].rstrip("/")) if not storage.is_local(url) else \
+        os.path.basename(storage.local_path(url))
+    return {"url": url, "name": name, "size": details["size"], "version": details["version"]}
+
+
+# ---------------------------------------------------------------------------------- streaming clean
+
+
+def read_chunks(fh, size: int) -> Iterator[bytes]:
+    while chunk := fh.read(size):
+        yield chunk
+
+
+def decode_utf8(raw: Iterable[bytes], source: str) -> Iterator[str]:
+    """Strict incremental UTF-8 decoding with corpus.decode's checks and messages: NUL bytes in the first
+    BINARY_PROBE bytes mean binary (checked before any decoding, as there), a bad byte is named with its offset."""
+    chunks = iter(raw)
+    head: list[bytes] = []
+    seen = 0
+    for chunk in chunks:
+        head.append(chunk)
+        seen += len(chunk)
+        if seen >= BINARY_PROBE:
+            break
+    if b"\x00" in b"".join(head)[:BINARY_PROBE]:
+        raise BadFileError(f"corpus file {source} looks binary (NUL bytes); give plain UTF-8 text files "
+                           "(or pass --skip-bad-files to leave such files out)")
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    fed = 0  # bytes given to the decoder so far
+    for chunk in itertools.chain(head, chunks, [None]):
+        pending = len(decoder.getstate()[0])  # bytes of an unfinished character carried from the last call
+        try:
+            text = decoder.decode(chunk or b"", final=chunk is None)
+        except UnicodeDecodeError as exc:
+            offset = fed - pending + exc.start
+            raise BadFileError(
+                f"corpus file {source} is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {offset}); "
+                "convert it, e.g. iconv -f latin1 -t utf-8 (or pass --skip-bad-files to leave it out)"
+            ) from None
+        fed += len(chunk or b"")
+        if text:
+            yield text
+
+
+def normalise_stream(pieces: Iterable[str]) -> Iterator[str]:
+    """corpus.normalise on a stream: a leading BOM dropped, CRLF and lone CR -> LF. A CR at the end of a piece
+    waits for the next one, which may start with the LF of the same CRLF pair."""
+    first = True
+    carry = ""
+    for piece in pieces:
+        if first and piece:
+            first = False
+            if piece.startswith("\ufeff"):
+                piece = piece[1:]
+        piece = carry + piece
+        carry = "\r" if piece.endswith("\r") else ""
+        if carry:
+            piece = piece[:-1]
+        if "\r" in piece:
+            piece = piece.replace("\r\n", "\n").replace("\r", "\n")
+        if piece:
+            yield piece
+    if carry:
+        yield "\n"
+
+
+def _safe_line(line: str) -> bool:
+    """A line no END-marker match can run through. The marker regex spans lines only through its `\\s*` parts,
+    so the lines a match covers before its last one are blank or hold just "***"; any other line ends matches.
+    (str.strip and the regex's \\s use the same Unicode whitespace.)"""
+    stripped = line.strip()
+    return bool(stripped) and stripped != "***"
+
+
+def _cut(text: str) -> int:
+    """The last position after a newline ending a _safe_line (0: none), so that regex searches of the pieces
+    on either side find exactly the matches a search of the whole text finds."""
+    nl = text.rfind("\n")
+    while nl >= 0:
+        prev = text.rfind("\n", 0, nl)
+        if _safe_line(text[prev + 1: nl]):
+            return nl + 1
+        nl = prev
+    return 0
+
+
+def _forced_cut(text: str) -> int:
+    """Where to cut a chunk that has grown to FORCE_CUT_CHUNKS without a safe line end: only runs of blank
+    lines or lines longer than that get here. Cutting next to "\\n" or " " keeps lowercasing exact (the final
+    sigma rule does not look across them); an END marker spanning the cut would be missed."""
+    for sep in ("\n", " "):
+        at = text.rfind(sep)
+        if at > 0:
+            return at + 1
+    return len(text)
+
+
+def line_chunks(pieces: Iterable[str], chunk_chars: int) -> Iterator[str]:
+    """Regroup text into chunks of about `chunk_chars` (more if a line is longer), cut only at safe line ends."""
+    buf: list[str] = []
+    size = 0
+    threshold = chunk_chars
+    force = max(FORCE_CUT_CHUNKS * chunk_chars, MIN_FORCE_CHARS)
+    for piece in pieces:
+        buf.append(piece)
+        size += len(piece)
+        if size < threshold:
+            continue
+        text = "".join(buf)
+        at = _cut(text) or (_forced_cut(text) if size >= force else 0)
+        if at:
+            yield text[:at]
+            text = text[at:]
+            threshold = len(text) + chunk_chars
+        else:
+            threshold = min(2 * size, force)  # doubling keeps the re-scans linear overall
+        buf = [text] if text else []
+        size = len(text)
+    if buf:
+        yield "".join(buf)
+
+
+def strip_gutenberg_stream(chunks: Iterable[str], head_chars: int) -> Iterator[str]:
+    """corpus.strip_gutenberg on safe-cut chunks: the START marker is looked for in the first chunks totalling
+    at least `head_chars` (a START further in is not seen), then text flows until the first END marker. The
+    rest of the file is still consumed, so it is decoded (a bad byte after the footer is still an error, as in
+    corpus.clean) and hashed."""
+    chunks = iter(chunks)
+    head: list[str] = []
+    size = 0
+    for chunk in chunks:
+        head.append(chunk)
+        size += len(chunk)
+        if size >= head_chars:
+            break
+    text = "".join(head)
+    start = corpus_lib._START.search(text)
+    if start:
+        text = text[start.end():]  # the END search below starts here, as corpus.strip_gutenberg's does
+    for chunk in itertools.chain([text], chunks):
+        end = corpus_lib._END.search(chunk)
+        if end:
+            yield chunk[: end.start()]
+            for _ in chunks:
+                pass
+            return
+        yield chunk
+
+
+def trim_stream(pieces: Iterable[str]) -> Iterator[str]:
+    """`.strip("\\n ") + "\\n"` on a stream: leading newlines/spaces dropped, a trailing run of them held back
+    until text follows it (so dropped at the end), and exactly one final newline. Every piece yielded starts and
+    ends next to a newline/space or an end of the text, which keeps per-piece lowercasing exact."""
+    leading = True
+    held: list[str] = []
+    for piece in pieces:
+        if leading:
+            piece = piece.lstrip(_SPACE)
+            if not piece:
+                continue
+            leading = False
+        body = piece.rstrip(_SPACE)
+        if body:
+            yield from held
+            held = []
+            yield body
+            if len(body) < len(piece):
+                held.append(piece[len(body):])
+        else:
+            held.append(piece)
+    yield "\n"
+
+
+def clean_stream(raw: Iterable[bytes], source: str, lowercase: bool = True, chunk_chars: int = CHUNK_CHARS,
+                 head_chars: int = HEAD_CHARS) -> Iterator[str]:
+    """The cleaned text of one file, in pieces whose concatenation is `corpus.clean(corpus.decode(raw bytes))`
+    (given a START marker, if any, within `head_chars`). Raises BadFileError for binary or non-UTF-8 input."""
+    text = normalise_stream(decode_utf8(raw, source))
+    pieces = trim_stream(strip_gutenberg_stream(line_chunks(text, chunk_chars), head_chars))
+    return (p.lower() for p in pieces) if lowercase else pieces
+
+
+# ----------------------------------------------------------------------------------------- pass 1
+
+
+class _RawTap:
+    """Hashes and measures raw bytes as they stream past, and notes whether any is not whitespace."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self.chunks = chunks
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.blank = True
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.chunks:
+            self.sha.update(chunk)
+            self.size += len(chunk)
+            if self.blank and chunk.strip():
+                self.blank = False
+            yield chunk
+
+
+def _add_counts(total: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
+    """total + counts (both indexed by code point), growing `total` only as far as the largest code point seen
+    (a full 0x110000 array per file would cost 9 MB each)."""
+    if total is None or len(total) < len(counts):
+        grown = np.zeros(len(counts), np.int64)
+        if total is not None:
+            grown[: len(total)] = total
+        total = grown
+    total[: len(counts)] += counts
+    return total
+
+
+@dataclass
+class _Cleaned:
+    source: Source
+    offset: int  # byte offset of this file's cleaned text in the cleaned temporary file
+    nbytes: int
+    chars: int
+    raw_size: int
+    sha256: str  # of the raw bytes
+    counts: np.ndarray | None  # character counts by code point; moved into the corpus total once the file is done
+
+
+def _clean_file(source: Source, out, *, lowercase: bool, chunk_chars: int, head_chars: int) -> _Cleaned:
+    """Stream one file through clean_stream into `out` (UTF-8). On BadFileError the caller rolls `out` back."""
+    offset = out.tell()
+    nbytes = chars = 0
+    has_text = False
+    counts = None
+    with storage.open_read(source.url) as fh:
+        tap = _RawTap(read_chunks(fh, chunk_chars))
+        for piece in clean_stream(tap, source.url, lowercase, chunk_chars, head_chars):
+            data = piece.encode("utf-8")
+            out.write(data)
+            nbytes += len(data)
+            chars += len(piece)
+            if not has_text and piece.strip():
+                has_text = True
+            counts = _add_counts(counts, np.bincount(corpus_lib.code_points(piece)))
+    if tap.blank:
+        raise BadFileError(f"corpus file {source.url} is empty; give text files with some content "
+                           "(or pass --skip-bad-files to leave it out)")
+    if not has_text:
+        raise BadFileError(f"corpus file {source.url} has no text once Project Gutenberg boilerplate is removed "
+                           "(or pass --skip-bad-files to leave it out)")
+    return _Cleaned(source, offset, nbytes, chars, tap.size, tap.sha.hexdigest(), counts)
+
+
+def _clean_all(sources: list[Source], path: str, *, lowercase: bool, skip_bad_files: bool, chunk_chars: int,
+               head_chars: int) -> tuple[list[_Cleaned], list[dict], np.ndarray]:
+    """Pass 1: every file cleaned into `path`, one after another (no separators yet). Returns the files used,
+    the files skipped and the character counts of all used files (indexed by code point)."""
+    cleaned: list[_Cleaned] = []
+    skipped: list[dict] = []
+    counts: np.ndarray | None = None
+    with open(path, "wb") as out:
+        for source in sources:
+            start = out.tell()
+            try:
+                item = _clean_file(source, out, lowercase=lowercase, chunk_chars=chunk_chars, head_chars=head_chars)
+            except BadFileError as exc:
+                if not skip_bad_files:
+                    raise
+                out.seek(start)  # nothing of a skipped file stays behind, nor in the counts
+                out.truncate()
+                skipped.append({"name": source.name, "reason": str(exc)})
+                continue
+            counts = _add_counts(counts, item.counts)
+            item.counts = None  # one array for the corpus, not one per file
+            cleaned.append(item)
+    if not cleaned:
+        raise UserError(f"no usable corpus file: all {len(sources)} were skipped ({skipped[0]['reason']})")
+    return cleaned, skipped, counts
+
+
+# ------------------------------------------------------------------------------ split and vocabulary
+
+
+def plan_splits(lengths: list[int], val_fraction: float) -> list[int]:
+    """Where each file's held-out tail starts (== its length: no tail). One file: corpus.split_point, exactly
+    as training always split a corpus. Several: the same rule per file, but a file whose training part would be
+    shorter than VAL_CONTEXT + 2 characters goes wholly to training (its tail would have little context)."""
+    if len(lengths) == 1:
+        return [corpus_lib.split_point(lengths[0], val_fraction)]
+    splits = []
+    for n in lengths:
+        split = corpus_lib.split_point(n, val_fraction)
+        splits.append(split if split >= VAL_CONTEXT + 2 else n)
+    return splits
+
+
+def resolve_min_char_count(min_char_count: int | str | None, total_chars: int) -> int:
+    """"auto" (or None): one required occurrence per AUTO_CHARS_PER_COUNT characters, at least 1, so a corpus
+    under 20M characters keeps every character it has."""
+    if min_char_count in (None, "auto"):
+        return max(1, total_chars // AUTO_CHARS_PER_COUNT)
+    return int(min_char_count)
+
+
+def dtype_for(vocab_size: int) -> str:
+    return "uint8" if vocab_size <= 256 else "uint16"
+
+
+# ----------------------------------------------------------------------------------------- pass 2
+
+
+def _file_ids(src, item: _Cleaned, table: np.ndarray, dtype: str, chunk_bytes: int) -> Iterator[np.ndarray]:
+    """The ids of one file's cleaned text, read back from the cleaned file in chunks."""
+    src.seek(item.offset)
+    left = item.nbytes
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    while left:
+        data = src.read(min(chunk_bytes, left))
+        left -= len(data)
+        text = decoder.decode(data, final=not left)
+        if text:
+            yield table[corpus_lib.code_points(text)].astype(dtype)
+
+
+def _encode_all(cleaned_path: str, items: list[_Cleaned], splits: list[int], vocab: Vocab, dtype: str,
+                train_path: str, val_path: str, chunk_chars: int) -> tuple[int, int, list[list[int]]]:
+    """Pass 2: train.bin = every file's training part, a blank line between files; val.bin = per file with a
+    tail, up to VAL_CONTEXT chars before its split and then the tail. Returns (train chars, val chars,
+    val_segments)."""
+    table = vocab.lookup_table
+    separator = table[[ord("\n")]].astype(dtype).tobytes()  # files end with "\n": one more makes a blank line
+    train_pos = val_pos = 0
+    segments: list[list[int]] = []
+    with open(cleaned_path, "rb") as src, open(train_path, "wb") as train, open(val_path, "wb") as val:
+        for i, (item, split) in enumerate(zip(items, splits, strict=True)):
+            if i:
+                train.write(separator)
+                train_pos += 1
+            context_start = max(0, split - VAL_CONTEXT) if split < item.chars else item.chars
+            if split < item.chars:
+                segments.append([val_pos, split - context_start, item.chars - split])
+            pos = 0
+            for ids in _file_ids(src, item, table, dtype, chunk_chars):
+                end = pos + len(ids)
+                if pos < split:
+                    part = ids[: split - pos]
+                    train.write(part.tobytes())
+                    train_pos += len(part)
+                if end > context_start:
+                    part = ids[max(0, context_start - pos):]
+                    val.write(part.tobytes())
+                    val_pos += len(part)
+                pos = end
+    return train_pos, val_pos, segments
+
+
+# ------------------------------------------------------------------------------------ fingerprint
+
+
+def make_options(lowercase: bool = True, val_fraction: float = 0.1, min_char_count: int | str | None = None,
+                 skip_bad_files: bool = False) -> dict:
+    """The options that decide a dataset's contents, normalised (min_char_count None -> "auto") and checked."""
+    if not 0.0 < float(val_fraction) <= 0.5:
+        raise UserError(f"--val-fraction must be in (0, 0.5] (got {val_fraction})")
+    if min_char_count in (None, "auto"):
+        min_char_count = "auto"
+    else:
+        try:
+            min_char_count = int(min_char_count)
+        except (TypeError, ValueError):
+            min_char_count = 0
+        if min_char_count < 1:
+            raise UserError(f"--min-char-count must be a whole number >= 1 or 'auto' (got {min_char_count!r})")
+    return {"lowercase": bool(lowercase), "val_fraction": float(val_fraction), "min_char_count": min_char_count,
+            "skip_bad_files": bool(skip_bad_files)}
+
+
+def fingerprint(sources: list[Source], options: dict) -> str:
+    """sha256 of the format, the listing (names, sizes, versions) and the options: what decides the output,
+    known without reading the corpus."""
+    listing = [[s.name, s.size, s.version] for s in sources]
+    blob = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "files": listing, "options": options},
+                      sort_keys=True, ensure_ascii=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _corpus_sha256(items: list[_Cleaned]) -> str:
+    """sha256 over each used file's relative name and the sha256 of its raw bytes, in listing order."""
+    h = hashlib.sha256()
+    for item in items:
+        h.update(f"{item.source.name}\0{item.sha256}\n".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- prepare
+
+
+@contextlib.contextmanager
+def _staging(output_url: str) -> Iterator[str]:
+    """A temporary folder for the work: inside a local output folder (the results are then renamed into place,
+    not copied), else the system's. If the work fails, the folders made for it go too: a refused corpus leaves
+    nothing in --output."""
+    if not storage.is_local(output_url):
+        with tempfile.TemporaryDirectory(prefix="charlstm-prepare-") as tmp:
+            yield tmp
+        return
+    folder = os.path.abspath(storage.local_path(output_url))
+    created, parent = [], folder
+    while not os.path.exists(parent):
+        created.append(parent)  # deepest first
+        parent = os.path.dirname(parent)
+    os.makedirs(folder, exist_ok=True)
+    done = False
+    try:
+        with tempfile.TemporaryDirectory(prefix=".prepare-", dir=folder) as tmp:
+            yield tmp
+        done = True
+    finally:
+        for path in created if not done else []:
+            try:
+                os.rmdir(path)
+            except OSError:
+                break  # not empty: something else wrote there
+
+
+def _publish(tmp: str, output_url: str, meta: dict) -> None:
+    """train.bin and val.bin first, meta.json last, each atomically. A previous meta.json goes first of all,
+    so a reader never pairs it with the new .bin files."""
+    storage.delete(storage.join(output_url, META_FILE))
+    for name in (TRAIN_FILE, VAL_FILE):
+        if storage.is_local(output_url):
+            os.replace(os.path.join(tmp, name), os.path.join(storage.local_path(output_url), name))
+        else:
+            storage.upload_file(os.path.join(tmp, name), storage.join(output_url, name))
+    storage.write_text(storage.join(output_url, META_FILE), json.dumps(meta, ensure_ascii=False, indent=1) + "\n")
+
+
+def prepare(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fraction: float = 0.1,
+            min_char_count: int | str | None = None, skip_bad_files: bool = False,
+            log: Callable[[str], None] = print, chunk_chars: int = CHUNK_CHARS,
+            head_chars: int = HEAD_CHARS, validate: Callable[[dict], None] | None = None) -> dict:
+    """Clean, split and encode the corpus at `corpus_url` into `output_url`; returns meta.json's contents.
+
+    `validate(meta)` may refuse the result (raise UserError) before anything is published: a corpus too short
+    for the training settings leaves nothing in the output."""
+    started = time.monotonic()
+    options = make_options(lowercase, val_fraction, min_char_count, skip_bad_files)
+    storage.check_writable(output_url)
+    sources = list_sources(corpus_url)
+    with _staging(output_url) as tmp:
+        cleaned_path = os.path.join(tmp, "cleaned.txt")
+        items, skipped, counts = _clean_all(sources, cleaned_path, lowercase=lowercase,
+                                            skip_bad_files=skip_bad_files, chunk_chars=chunk_chars,
+                                            head_chars=head_chars)
+        counts = _add_counts(counts, np.zeros(ord("\n") + 1, np.int64))  # (counts is at least this long)
+        counts[ord("\n")] += len(items) - 1  # the blank line between files
+        total = int(counts.sum())
+        resolved = resolve_min_char_count(options["min_char_count"], total)
+        vocab = Vocab.from_counts(counts, resolved)
+        if len(vocab) > MAX_IDS:
+            raise UserError(f"corpus has {len(vocab)} distinct characters, more than {MAX_IDS} ids fit; "
+                            "raise --min-char-count")
+        rare = (counts > 0) & (counts < resolved)
+        splits = plan_splits([i.chars for i in items], val_fraction)
+        if all(s >= i.chars for s, i in zip(splits, items, strict=True)) or min(splits) < 1:
+            raise UserError(f"corpus too short: {total} chars leave no held-out part (each file needs more than "
+                            f"{VAL_CONTEXT + 2} training chars before its tail); use a longer corpus")
+        dtype = dtype_for(len(vocab))
+        train_chars, val_chars, segments = _encode_all(
+            cleaned_path, items, splits, vocab, dtype, os.path.join(tmp, TRAIN_FILE), os.path.join(tmp, VAL_FILE),
+            chunk_chars)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "corpus_url": corpus_url,
+            "vocab": {"chars": list(vocab.chars), "unknown": vocab.has_unknown},
+            "dtype": dtype,
+            "train_chars": train_chars,
+            "val_chars": val_chars,
+            "val_scored_chars": int(sum(s[2] for s in segments)),
+            "val_context": VAL_CONTEXT,
+            "val_segments": segments,
+            "total_chars": total,
+            "files": [{"name": i.source.name, "size": i.raw_size, "version": i.source.version,
+                       "sha256": i.sha256, "cleaned_chars": i.chars, "train_chars": min(s, i.chars),
+                       "val_chars": i.chars - min(s, i.chars)} for i, s in zip(items, splits, strict=True)],
+            "skipped_files": skipped,
+            "corpus_sha256": _corpus_sha256(items),
+            "fingerprint": fingerprint(sources, options),
+            "options": {**options, "min_char_count_resolved": resolved},
+            "unknown_chars": {"distinct": int(rare.sum()), "occurrences": int(counts[rare].sum()),
+                              "examples": [chr(c) for c in np.flatnonzero(rare)[:20]]},
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        if validate is not None:
+            validate(meta)
+        _publish(tmp, output_url, meta)
+    log(summary(meta, output_url))
+    return meta
+
+
+def summary(meta: dict, output_url: str) -> str:
+    """One log line describing a dataset."""
+    skipped = meta["skipped_files"]
+    skip_note = f", skipped {len(skipped)} bad file(s): {', '.join(s['name'] for s in skipped[:5])}" if skipped else ""
+    unknown = meta["unknown_chars"]
+    unknown_note = (f", {unknown['distinct']} rare char(s) (< {meta['options']['min_char_count_resolved']}) "
+                    f"mapped to the unknown id: {unknown['occurrences']} occurrence(s)") if unknown["distinct"] else ""
+    return (f"dataset {output_url}: {len(meta['files'])} file(s), {meta['train_chars']} training chars, "
+            f"{meta['val_scored_chars']} held-out chars in {len(meta['val_segments'])} segment(s), "
+            f"vocabulary {len(meta['vocab']['chars'])} ({meta['dtype']}){unknown_note}{skip_note}, "
+            f"{meta['seconds']:.1f} s")
+
+
+# ---------------------------------------------------------------------------------- reuse and read
+
+
+def read_meta(dataset_url: str) -> dict | None:
+    """meta.json of a dataset of this format, or None if there is none (or it is unreadable / another format)."""
+    url = storage.join(dataset_url, META_FILE)
+    if not storage.exists(url):
+        return None
+    try:
+        meta = json.loads(storage.read_text(url))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        return None
+    return meta
+
+
+def find_cached(output_url: str, corpus_url: str, options: dict) -> dict | None:
+    """The meta of a dataset at `output_url` prepared from the corpus as it is now with these options (see
+    make_options), else None. Reads meta.json, the corpus listing and the .bin sizes, never a corpus file."""
+    meta = read_meta(output_url)
+    if meta is None or meta.get("fingerprint") != fingerprint(list_sources(corpus_url), options):
+        return None
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for name, chars in ((TRAIN_FILE, meta["train_chars"]), (VAL_FILE, meta["val_chars"])):
+        try:
+            size = storage.info(storage.join(output_url, name))["size"]
+        except UserError:
+            return None
+        if size != chars * itemsize:
+            return None
+    return meta
+
+
+def ensure(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fraction: float = 0.1,
+           min_char_count: int | str | None = None, skip_bad_files: bool = False, force: bool = False,
+           log: Callable[[str], None] = print, validate: Callable[[dict], None] | None = None, **kwargs) -> dict:
+    """A current dataset at `output_url`: the one already there if its fingerprint matches, else prepared now.
+    Either way `validate(meta)` (see prepare) accepts it first."""
+    options = make_options(lowercase, val_fraction, min_char_count, skip_bad_files)
+    if not force:
+        meta = find_cached(output_url, corpus_url, options)
+        if meta is not None:
+            if validate is not None:
+                validate(meta)
+            log(f"dataset {output_url} is current for {corpus_url} (fingerprint {meta['fingerprint'][:12]}); "
+                "reusing it")
+            return meta
+    log(f"preparing dataset {output_url} from {corpus_url}")
+    return prepare(corpus_url, output_url, lowercase=lowercase, val_fraction=val_fraction,
+                   min_char_count=min_char_count, skip_bad_files=skip_bad_files, log=log, validate=validate, **kwargs)
+
+
+@dataclass(frozen=True)
+class LocalDataset:
+    train: np.ndarray  # read-only np.memmap of ids
+    val: np.ndarray
+    vocab: Vocab
+    val_segments: np.ndarray  # (segments, 3) int64: offset in val, context chars, scored chars
+    meta: dict
+    folder: str  # the local folder holding train.bin and val.bin
+
+
+def cache_folder(meta: dict, cache_dir: str | None = None) -> str:
+    """<cache_dir or $CHARLSTM_CACHE_DIR or ~/.cache/charlstm/datasets>/<fingerprint>"""
+    root = cache_dir or os.environ.get("CHARLSTM_CACHE_DIR") or os.path.join("~", ".cache", "charlstm", "datasets")
+    return os.path.join(os.path.expanduser(root), meta["fingerprint"])
+
+
+def _memmap(path: str, dtype: str, n: int) -> np.ndarray:
+    if n == 0:  # mmap cannot map an empty file
+        empty = np.zeros(0, dtype)
+        empty.flags.writeable = False
+        return empty
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+
+def open_local(dataset_url: str, meta: dict | None = None, cache_dir: str | None = None) -> LocalDataset:
+    """train.bin and val.bin as read-only memory maps. A local dataset is mapped where it is; a remote one is
+    downloaded once per node into cache_folder (several workers wait on one file lock; files appear by
+    atomic rename; a file of the expected size is reused)."""
+    meta = meta or read_meta(dataset_url)
+    if meta is None:
+        raise UserError(f"no prepared dataset at {dataset_url} (no meta.json); run python -m job.prepare first")
+    dtype = meta["dtype"]
+    wanted = {TRAIN_FILE: meta["train_chars"], VAL_FILE: meta["val_chars"]}
+    itemsize = np.dtype(dtype).itemsize
+    if storage.is_local(dataset_url):
+        folder = storage.local_path(dataset_url)
+    else:
+        folder = cache_folder(meta, cache_dir)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, ".lock"), "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            for name, chars in wanted.items():
+                path = os.path.join(folder, name)
+                if not (os.path.isfile(path) and os.path.getsize(path) == chars * itemsize):
+                    storage.download_file(storage.join(dataset_url, name), path)
+    for name, chars in wanted.items():
+        path = os.path.join(folder, name)
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if size != chars * itemsize:
+            raise UserError(f"{storage.join(dataset_url, name)} has {size} bytes, meta.json expects "
+                            f"{chars * itemsize}; the dataset is incomplete or being rewritten: prepare it again")
+    vocab = Vocab(tuple(meta["vocab"]["chars"]), has_unknown=bool(meta["vocab"]["unknown"]))
+    return LocalDataset(
+        train=_memmap(os.path.join(folder, TRAIN_FILE), dtype, meta["train_chars"]),
+        val=_memmap(os.path.join(folder, VAL_FILE), dtype, meta["val_chars"]),
+        vocab=vocab,
+        val_segments=np.asarray(meta["val_segments"], np.int64).reshape(-1, 3),
+        meta=meta,
+        folder=folder,
+    )
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m job.prepare", description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", required=True, help="A file, a folder/prefix (trailing /) or a glob; path, s3:// "
+                                                   "or https:// (one file).")
+    p.add_argument("--output", required=True, help="Folder or s3:// prefix for train.bin, val.bin, meta.json.")
+    p.add_argument("--keep-case", action="store_true", help="Keep upper case (default: lowercase).")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="Held-out tail of each file (default 0.1).")
+    p.add_argument("--min-char-count", default="auto",
+                   help="Characters seen fewer times map to one unknown id (default auto: 1 per 10M chars).")
+    p.add_argument("--skip-bad-files", action="store_true",
+                   help="Leave out empty, binary or non-UTF-8 files instead of stopping (they are listed).")
+    p.add_argument("--force", action="store_true", help="Prepare again even if the output is current.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    ensure(args.corpus, args.output, lowercase=not args.keep_case, val_fraction=args.val_fraction,
+           min_char_count=args.min_char_count, skip_bad_files=args.skip_bad_files, force=args.force,
+           log=lambda line: print(line, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
