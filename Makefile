@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 CORPUS ?=
 export CORPUS
 
-.PHONY: help venv test test-fast lint demo bench bench-train clean
+.PHONY: help venv test test-fast lint demo bench bench-train bench-corpus clean
 
 help:
 	@echo "make demo   - local S3 + Ray head, train and sample through 'ray job submit', show results"
@@ -44,6 +44,9 @@ bench: venv
 
 bench-train: venv
 	$(BIN)/python -m bench.run --only train
+
+bench-corpus: venv
+	$(BIN)/python -m bench.run --only corpus
 
 clean:
 	-$(BIN)/python -m infra.localstack stop 2>/dev/null

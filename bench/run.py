@@ -1,14 +1,18 @@
 """Side-by-side benchmark of charlstm against the Keras tutorial's method (GUIDE §3), on this machine.
 
-    python -m bench.run --corpus PATH [--only train|gen] [--seconds 300] [--out bench/results]
+    python -m bench.run --corpus PATH [--only train|gen|scale|corpus] [--seconds 300] [--out bench/results]
 
 Training: equal wall-clock budgets for the tutorial (`seed-small` preset) and ours (`default` preset),
 each through `job.worker.train_func` in-process, in its own process; held-out loss of the exported model
 with the full protocol (`job.evaluate`). Generation: the tutorial's per-character `model.predict` loop vs
 our batched `job.sample.Sampler`. Both are related to the dense fp32 matmul FLOP/s measured in the same run.
 
-Writes <out>/<YYYY-MM-DD>.json, <out>/loss_vs_time.png, <out>/gen_chars_per_sec.png and <out>/latest.md,
-and prints the Markdown table. The corpus is never downloaded: pass --corpus or set CORPUS.
+Corpus scale (bench/corpus_bench.py): prepare time, cached-run set-up, worker peak RSS and training chars/s
+for corpora of 1 MB to 1 GB made from the benchmark text.
+
+Writes <out>/<YYYY-MM-DD>.json, <out>/loss_vs_time.png, <out>/gen_chars_per_sec.png and <out>/latest.md
+(and <out>/corpus_scale.{json,md,png}), and prints the Markdown tables. The corpus is never downloaded: pass
+--corpus or set CORPUS.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import common, scale_bench
+from bench import common, corpus_bench, scale_bench
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -53,8 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--corpus", default=os.environ.get("CORPUS"),
                    help="Local path (or file:// URL) of the corpus; default: $CORPUS. Never downloaded.")
-    p.add_argument("--only", choices=("train", "gen", "scale"),
-                   help="Run only the training, generation or scaling part.")
+    p.add_argument("--only", choices=("train", "gen", "scale", "corpus"),
+                   help="Run only the training, generation, scaling or corpus-scale part.")
     p.add_argument("--seconds", type=float, default=TARGET_SECONDS,
                    help="Training wall-clock budget per method (default 300; the loss target is for 300 s).")
     p.add_argument("--out", default=str(HERE / "results"), help="Results folder (default bench/results).")
@@ -73,6 +77,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--matmul-n", type=int, default=2048, help="Size of the reference matmul (default 2048).")
     p.add_argument("--scale-workers", type=_int_list, default=[1, 2],
                    help="Ray worker counts for the scaling run, 1 CPU each (default 1,2).")
+    p.add_argument("--corpus-sizes", type=_int_list, default=list(corpus_bench.SIZES_MB),
+                   help="Corpus sizes in MB for the corpus-scale part (default 1,10,100,1000).")
+    p.add_argument("--corpus-minutes", type=float, default=1.0,
+                   help="Training budget of each cached run in the corpus-scale part (default 1).")
     p.add_argument("--scale-epochs", type=int, default=6,
                    help="Epochs per scaling run; the first (compilation) is not counted (default 6).")
     return p
@@ -457,6 +465,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.only in (None, "scale"):
         results["scaling"] = run_scaling(args, corpus, workdir, vocab_size)
+    if args.only in (None, "corpus"):
+        cs = corpus_bench.run(text, workdir / "corpus-scale", args.corpus_sizes, args.corpus_minutes)
+        results["corpus_scale"] = cs
+        (out / "corpus_scale.json").write_text(json.dumps(cs, indent=2, sort_keys=True))
+        (out / "corpus_scale.md").write_text(corpus_bench.markdown(cs) + "\n")
+        corpus_bench.plot(cs, out / "corpus_scale.png")
+        print("\n" + corpus_bench.markdown(cs), flush=True)
     samples += common.matmul_samples(args.matmul_n)  # again at the end: the machine is shared
     flops = common.matmul_flops(args.matmul_n, common.median(samples))
     results["matmul"] = {"n": args.matmul_n, "samples_sec": samples, "flops_per_sec": flops}

@@ -107,6 +107,8 @@ class TrainConfig:
     precision: str = "float32"
     # Train in this process without Ray (one worker): debugging, notebooks, benchmarks.
     in_process: bool = False
+    # Show TensorFlow's C++ notices and Ray Train's per-report INFO lines (quiet by default).
+    verbose: bool = False
     # Steps run inside one compiled call (fewer Python round trips; a speed knob only).
     steps_per_call: int = 4
 
@@ -212,7 +214,8 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, help="Ray Train workers (default 1).")
     g.add_argument("--use-gpu", action="store_true", default=None, help="One GPU per worker.")
     g.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default 1).")
-    g.add_argument("--run-name", help="Run name; re-submitting the same name and --output resumes the run.")
+    g.add_argument("--run-name", help="Run name (default: run): checkpoints go to <output>/checkpoints/<name>/; "
+                   "re-submitting the same name and --output resumes the run, with the same settings.")
     g.add_argument("--max-failures", type=int, help="Worker-group restarts allowed before failing (default 3).")
     g.add_argument("--checkpoint-every-steps", type=int,
                    help="Also checkpoint every N optimizer steps (default 0: only at epoch ends).")
@@ -226,6 +229,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help="float32 (default), or mixed_float16 / mixed_bfloat16 on GPUs.")
     g.add_argument("--in-process", action="store_true", default=None,
                    help="Train in this process without Ray (one worker only); same outputs and resume.")
+    p.add_argument("--verbose", action="store_true", default=None,
+                   help="Also show TensorFlow's C++ notices and Ray Train's INFO lines (default: quiet).")
     return p
 
 

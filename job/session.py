@@ -55,6 +55,49 @@ def complete_checkpoints(root: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+# Settings a run cannot change when it resumes: the model's shape and the data it sees in which order.
+RESUME_KEYS = ("preset", "input_mode", "embed_dim", "units", "target", "stateful", "seq_len", "keep_case",
+               "val_fraction", "min_char_count", "skip_bad_files", "corpus", "dataset")
+
+
+def resume_mismatches(saved: dict, cfg: TrainConfig) -> list[str]:
+    """`key saved -> new` for every setting that differs between a checkpoint's config and this run's."""
+    new = cfg.to_dict()
+    diffs = [f"{k} {saved.get(k)!r} -> {new[k]!r}" for k in RESUME_KEYS if k in saved and saved.get(k) != new[k]]
+    batch = int(saved.get("batch_size", 0)) * int(saved.get("num_workers", 1))
+    if batch and batch != cfg.batch_size * cfg.num_workers:
+        diffs.append(f"global batch {batch} -> {cfg.batch_size * cfg.num_workers} (batch_size x num_workers)")
+    return diffs
+
+
+def refuse_mixed_runs(cfg: TrainConfig) -> None:
+    """Before anything is written: a run resuming into --output must have the settings its checkpoints were
+    made with, or continuing would silently mix two runs (another model shape, other data, another order)."""
+    found = complete_checkpoints(checkpoint_root(cfg))
+    if not found:
+        return
+    step, url = found[-1]
+    saved = json.loads(storage.read_text(storage.join(url, PROGRESS))).get("config", {})
+    diffs = resume_mismatches(saved, cfg)
+    if not diffs and _corpus_changed(cfg):
+        diffs = [f"the files of corpus {cfg.corpus} changed (names, sizes or versions) since its dataset was prepared"]
+    if diffs:
+        raise UserError(
+            f"{cfg.output} already holds run {cfg.run!r} (checkpoint at global step {step}) made with other "
+            f"settings: {'; '.join(diffs)}; resume with the same settings, or start a new run with another "
+            "--run-name or --output")
+
+
+def _corpus_changed(cfg: TrainConfig) -> bool:
+    """The run's prepared dataset no longer describes the corpus listing (read-only: listing and meta.json)."""
+    from job import prepare
+
+    if prepare.read_meta(cfg.data_url) is None:
+        return False  # nothing to compare with: the dataset is prepared anew and the vocabulary checked on restore
+    options = prepare.make_options(not cfg.keep_case, cfg.val_fraction, cfg.min_char_count, cfg.skip_bad_files)
+    return prepare.find_cached(cfg.data_url, cfg.corpus, options) is None
+
+
 @contextlib.contextmanager
 def _newest_downloaded(found: list[tuple[int, str]]) -> Iterator[str]:
     """Download the newest checkpoint that still downloads completely."""
@@ -127,8 +170,16 @@ class RaySession(Session):
         import ray.train
 
         super().__init__(cfg)
-        # Ray Train logs every report and checkpoint at INFO; our one line per epoch says it better.
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        if not cfg.verbose:
+            # Ray Train logs every report ("Reporting training result N: TrainingReport(...)") at INFO, from a
+            # logger named after its source file, outside the `ray.train` logger that RunConfig's LoggingConfig
+            # sets; our one line per evaluation says it better.
+            try:
+                from ray.train.v2._internal.execution import context as train_context
+
+                logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+            except ImportError:  # another Ray layout: its lines stay
+                pass
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()

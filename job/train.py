@@ -7,6 +7,7 @@ local Ray instance, so the same command works on a laptop, a Ray cluster and a K
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from typing import Any
@@ -16,25 +17,39 @@ from job.config import TrainConfig, load_train_config
 from job.errors import run_cli
 
 
+def quiet_tensorflow(verbose: bool) -> None:
+    """TensorFlow's C++ INFO and WARNING notices (oneDNN, CUDA probing) in this process and in every Ray worker it
+    starts (they inherit the driver's environment or receive it through train_func's config). Must precede the
+    first TensorFlow import. (Two absl lines printed before TensorFlow's logging starts cannot be silenced by any
+    setting: tensorflow/tensorflow#100442.)"""
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
 def preflight(cfg: TrainConfig) -> dict[str, Any]:
-    """Before Ray starts: --output must be writable (its bucket exists and answers these credentials, or its
-    local folder can take files), and the prepared dataset must exist for this corpus and these options (made
-    here once, streaming the raw files; reused on resubmission and resume, so workers never read raw text) and
-    be long enough for one batch and the held-out protocol."""
+    """Before any training, in this order: --output must be writable (its bucket exists and answers these
+    credentials, or its local folder can take files); a run resuming into --output must have its checkpoints'
+    settings; under Ray, the cluster must be able to fit the workers; then the prepared dataset must exist for
+    this corpus and these options (made here once, streaming the raw files; reused on resubmission and resume,
+    so workers never read raw text) and be long enough for one batch and the held-out protocol. A refusal at
+    any point leaves --output as it was."""
+    from job.session import refuse_mixed_runs
     from job.worker import ensure_dataset
 
     storage.check_writable(cfg.output)
+    refuse_mixed_runs(cfg)
+    if not cfg.in_process:
+        cluster.connect(cfg.num_workers, cfg.cpus_per_worker)
+        cluster.check_capacity(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
     return ensure_dataset(cfg, log=lambda line: print(line, flush=True))
 
 
 def launch_ray(cfg: TrainConfig) -> dict[str, Any]:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     from job.worker import train_func
 
-    cluster.connect(cfg.num_workers, cfg.cpus_per_worker)
-    cluster.check_capacity(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
     filesystem, path = storage.pyarrow_filesystem(storage.join(cfg.output, "checkpoints"))
     resources = {"CPU": cfg.cpus_per_worker}
     trainer = TensorflowTrainer(
@@ -52,6 +67,8 @@ def launch_ray(cfg: TrainConfig) -> dict[str, Any]:
                 checkpoint_score_order="min",
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train's INFO lines (every report, every worker-group step) say less than our own lines.
+            logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
         ),
     )
     result = _fit_interruptibly(trainer)
@@ -83,6 +100,7 @@ def _fit_interruptibly(trainer):
 
 def main(argv: list[str] | None = None) -> int:
     cfg = load_train_config(argv)
+    quiet_tensorflow(cfg.verbose)
     preflight(cfg)
     if cfg.in_process:
         from job.worker import train_func

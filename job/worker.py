@@ -32,6 +32,7 @@ from job.schedule import (
     steps_in_next_call,
 )
 from job.session import Session, detect_session
+from job.tensorboard import Board
 
 
 @dataclass
@@ -124,6 +125,7 @@ class Trainer:
         self.session = session
         self.rank, self.world = session.rank, session.world_size
         self.global_batch = cfg.batch_size * self.world
+        self.board: Board | None = None
 
     # ---------------------------------------------------------------- set-up
     def _prepare_data(self) -> None:
@@ -278,6 +280,13 @@ class Trainer:
 
     # ---------------------------------------------------------------- main loop
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            if self.board:  # also on a time-budget stop, Ctrl-C or a crash: the events so far reach the output
+                self.board.close()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         threads = max(1, round(cfg.cpus_per_worker)) if self.session.in_ray else None
         self.strategy = _make_strategy(threads)  # must exist before any other TensorFlow op
@@ -294,6 +303,8 @@ class Trainer:
         self._compile_steps()
         self._check_workers_agree()
         p = self.progress
+        self.board = Board(cfg, self.rank, p.global_step if resumed else None)
+        self.board.config(p.global_step, cfg.to_dict())
         self.session.log(
             f"training {cfg.preset}: {len(self.train_ids):,} train chars, {self.heldout_chars:,} held-out "
             f"chars ({self.heldout.chars:,} scored per evaluation), "
@@ -347,6 +358,9 @@ class Trainer:
                                                            count * chars_per_step)):
                     self.session.log(progress_line(p, cfg.epochs, steps_total, self._total_steps, line,
                                                    budget))
+                    self.board.scalars(p.global_step, {"train/loss": line.loss,
+                                                       "train/chars_per_sec": line.chars_per_sec,
+                                                       "train/learning_rate": self._learning_rate()})
                 if stop > 0:
                     p.stopped_early = True
                     break
@@ -444,6 +458,7 @@ class Trainer:
             p.epoch, p.step_in_epoch, p.epoch_loss_sum = number, 0, 0.0
         if self.rank == 0:
             self.session.log(report.epoch_line(metrics))
+            self.board.scalars(p.global_step, {"heldout/loss_nats": val, "heldout/bits_per_char": metrics["val_bpc"]})
             sample = f"epoch-{number:03d}" if kind == "epoch" else f"step-{p.global_step:09d}"
             self._write_outputs(improved, sample)
         self._report(metrics)
@@ -454,7 +469,9 @@ class Trainer:
         cfg, p, out = self.cfg, self.progress, self.cfg.output
         report.write_metrics(out, p.history)
         report.write_loss_plot(out, p.history, f"charlstm {cfg.preset}")
-        report.write_sample(out, sample_name, self.vocab.decode(self.sample_prompt), self._sample_text())
+        prompt, sample = self.vocab.decode(self.sample_prompt), self._sample_text()
+        report.write_sample(out, sample_name, prompt, sample)
+        self.board.text(p.global_step, "sample", f"{prompt}\n---\n{sample}")
         if improved:
             export.save(self.model, self.vocab, self.export_config(), storage.join(self.cfg.output, "model"))
 
@@ -474,6 +491,8 @@ class Trainer:
         }
 
     def _report(self, metrics: dict[str, Any]) -> None:
+        # Events go up before the checkpoint: those past it are dropped on resume, but none up to it are missing.
+        self.board.sync()
         with tempfile.TemporaryDirectory(prefix="charlstm-ckpt-") as tmp:
             if self.rank == 0:
                 self._save_checkpoint(tmp)

@@ -51,3 +51,23 @@ def test_scaling_table_renders_measured_rows_and_errors():
     assert "| 1 | 64 | 20,000 | 1.00x | 100% |" in text
     assert "error: exit 1: boom" in text
     assert "units [1024]" in text and "On paper" in text
+
+
+def test_corpus_scale_files_table_and_goals(tmp_path):
+    from bench import corpus_bench
+
+    text = "Ein Café — naïve ünïcode text. " * 50
+    assert corpus_bench.write_corpus(text, 1, tmp_path / "c") == 1
+    data = (tmp_path / "c" / "part-0000.txt").read_bytes()
+    assert 999_000 < len(data) <= 1_000_000 and data.decode("utf-8")  # whole characters only
+    rows = [{"size_mb": 1, "files": 1, "prepare_sec": 0.5, "prepare_rss_mb": 100.0, "first_step_sec": 6.0,
+             "worker_rss_mb": 900.0, "chars_per_sec": 30000.0},
+            {"size_mb": 1000, "files": 20, "prepare_sec": 50.0, "prepare_rss_mb": 120.0, "first_step_sec": 40.0,
+             "worker_rss_mb": 1300.0, "chars_per_sec": 28000.0},
+            {"size_mb": 10, "files": 1, "error": "train: exit 1: boom"}]
+    a = corpus_bench.assess(rows)
+    assert a["prepare_1gb_ok"] and not a["first_step_ok"] and not a["rss_ok"] and a["rss_growth_mb"] == 400
+    assert a["rate_ok"] and a["rate_ratio"] == pytest.approx(28 / 30)
+    table = corpus_bench.markdown({"rows": rows, "assessment": a})
+    assert "| 1,000 MB | 20 | 50.0 s | 120 MB | 40.0 s | 1,300 MB | 28,000 |" in table
+    assert "error: train: exit 1: boom" in table and "**missed**" in table

@@ -7,7 +7,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Flags of other tools the README shows (ray job submit, aws s3 cp, pytest, python -m ... --help).
-OTHER_TOOLS = {"--working-dir", "--runtime-env-json", "--recursive", "--help"}
+OTHER_TOOLS = {"--working-dir", "--runtime-env-json", "--recursive", "--help", "--logdir"}
 
 
 def help_text(module: str) -> str:
@@ -21,8 +21,8 @@ def test_every_flag_in_the_readme_exists():
     readme = (REPO / "README.md").read_text()
     shown = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme)) - OTHER_TOOLS
     known = set()
-    for module in ("job.train", "job.generate", "job.evaluate", "infra.create_bucket", "infra.localstack",
-                   "bench.run"):
+    for module in ("job.train", "job.prepare", "job.generate", "job.evaluate", "infra.create_bucket",
+                   "infra.localstack", "bench.run"):
         known |= set(re.findall(r"--[a-z][a-z0-9-]*", help_text(module)))
     assert shown <= known, f"README shows flags no CLI has: {sorted(shown - known)}"
 
