@@ -9,7 +9,9 @@ of at most 50 MB, as a many-file corpus arrives), then:
    process start to the "training ..." line that precedes the first step, peak RSS of the process (the single
    worker), and training chars/s (median of the progress lines after the first, which includes compilation).
 
-Peak RSS comes from the kernel's own accounting of each child process (`os.wait4` rusage).
+Peak RSS is the kernel's high-water mark of each child process (VmHWM in /proc/<pid>/status, which starts afresh
+at exec; the rusage of a child would include the memory of the benchmark process it was forked from), read
+every 50 ms while the child runs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,11 +55,31 @@ def write_corpus(text: str, size_mb: int, folder: Path) -> int:
     return n
 
 
+def _high_water_kb(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def run_measured(cmd: list[str], timeout: float) -> dict[str, Any]:
     """Run `cmd`; its stdout lines with the seconds since start, exit code, wall time and peak RSS (MB)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def watch() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _high_water_kb(proc.pid) or 0)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     lines: list[tuple[float, str]] = []
     deadline = t0 + timeout
     assert proc.stdout is not None
@@ -66,9 +89,9 @@ def run_measured(cmd: list[str], timeout: float) -> dict[str, Any]:
             proc.kill()
             break
     stderr = proc.stderr.read() if proc.stderr else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"returncode": proc.returncode, "wall_sec": time.monotonic() - t0, "peak_rss_mb": usage.ru_maxrss / 1024,
+    proc.wait()
+    watcher.join()
+    return {"returncode": proc.returncode, "wall_sec": time.monotonic() - t0, "peak_rss_mb": peak[0] / 1024,
             "lines": lines, "stderr_tail": stderr.strip().splitlines()[-3:]}
 
 

@@ -477,16 +477,19 @@ def main(argv: list[str] | None = None) -> int:
     results["matmul"] = {"n": args.matmul_n, "samples_sec": samples, "flops_per_sec": flops}
     results["assessment"] = assess(results)
 
-    stamp = results["machine"]["date"]
+    # A partial run (--only) writes its own file and leaves the full run's JSON and latest.md as they are.
+    stamp = results["machine"]["date"] + (f"-{args.only}" if args.only else "")
     (out / f"{stamp}.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     if "training" in results and any("error" not in results["training"][k] for k in ("tutorial", "ours")):
         plot_loss(results, out / "loss_vs_time.png")
     if "generation" in results:
         plot_gen(results, out / "gen_chars_per_sec.png")
     table = markdown(results)
-    (out / "latest.md").write_text(table + "\n")
+    if not args.only:
+        (out / "latest.md").write_text(table + "\n")
     print("\n" + table, flush=True)
-    print(f"\nwrote {out / f'{stamp}.json'}, {out / 'latest.md'} and plots in {out}", flush=True)
+    print(f"\nwrote {out / f'{stamp}.json'}{'' if args.only else ', ' + str(out / 'latest.md')} and plots in {out}",
+          flush=True)
     failed = [k for k in ("tutorial", "ours") if "error" in results.get("training", {}).get(k, {})]
     return 1 if failed else 0
 

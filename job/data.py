@@ -22,10 +22,65 @@ def _rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), 0x5EED])
 
 
-def sliding_plan(n_train: int, seq_len: int, global_batch: int, epoch: int, seed: int) -> np.ndarray:
+class EpochPlan:
+    """One epoch's window starts, shape (steps, global_batch); rows are made when asked for.
+
+    A plan over a gigabyte corpus has hundreds of thousands of rows: as an array it would cost every worker
+    memory in proportion to the corpus (and be rebuilt each epoch), so a plan hands out the rows of each call."""
+
+    def __init__(self, steps: int, global_batch: int):
+        self.steps, self.global_batch = steps, global_batch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.steps, self.global_batch
+
+    @property
+    def size(self) -> int:
+        return self.steps * self.global_batch
+
+    def rows(self, start: int = 0, stop: int | None = None, columns: np.ndarray | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        rows = self.rows()
+        return rows if dtype is None else rows.astype(dtype)
+
+
+class ArrayPlan(EpochPlan):
+    """A plan held as an array (shuffled sliding windows: there is no formula for a random order)."""
+
+    def __init__(self, starts: np.ndarray):
+        super().__init__(*starts.shape)
+        self.starts = starts
+
+    def rows(self, start: int = 0, stop: int | None = None, columns: np.ndarray | None = None) -> np.ndarray:
+        rows = self.starts[start:stop]
+        return rows if columns is None else rows[:, columns]
+
+
+class StreamPlan(EpochPlan):
+    """Row k, column j starts at offset + j * stream_len + k * seq_len (see stream_plan)."""
+
+    def __init__(self, offset: int, stream_len: int, steps: int, global_batch: int, seq_len: int):
+        super().__init__(steps, global_batch)
+        self.offset, self.stream_len, self.seq_len = offset, stream_len, seq_len
+
+    def rows(self, start: int = 0, stop: int | None = None, columns: np.ndarray | None = None) -> np.ndarray:
+        k = np.arange(start, self.steps if stop is None else min(stop, self.steps), dtype=np.int64)
+        j = np.arange(self.global_batch, dtype=np.int64) if columns is None else np.asarray(columns, np.int64)
+        return self.offset + j[None, :] * self.stream_len + k[:, None] * self.seq_len
+
+
+def sliding_plan(n_train: int, seq_len: int, global_batch: int, epoch: int, seed: int) -> ArrayPlan:
     """Tutorial windows: every start s with ids[s:s+L] -> ids[s+L] inside the training text, shuffled.
 
-    The last partial global batch is dropped (it changes every epoch, so nothing is skipped for good).
+    The last partial global batch is dropped (it changes every epoch, so nothing is skipped for good). The
+    shuffled order is an array of every window start (8 bytes per corpus character): the tutorial presets are
+    for book-sized corpora.
     """
     n_windows = n_train - seq_len
     steps = n_windows // global_batch
@@ -35,10 +90,10 @@ def sliding_plan(n_train: int, seq_len: int, global_batch: int, epoch: int, seed
             f"{global_batch}; use a longer corpus or a smaller --batch-size / --seq-len"
         )
     order = _rng(seed, epoch).permutation(n_windows)[: steps * global_batch]
-    return order.reshape(steps, global_batch).astype(np.int64)
+    return ArrayPlan(order.reshape(steps, global_batch).astype(np.int64))
 
 
-def stream_plan(n_train: int, seq_len: int, global_batch: int, epoch: int, seed: int) -> np.ndarray:
+def stream_plan(n_train: int, seq_len: int, global_batch: int, epoch: int, seed: int) -> StreamPlan:
     """char-rnn layout for stateful training: the text is cut into `global_batch` contiguous streams,
     row k holds window k of every stream, so the LSTM state of row k-1 is the right context for row k.
 
@@ -52,19 +107,19 @@ def stream_plan(n_train: int, seq_len: int, global_batch: int, epoch: int, seed:
             f"training text ({n_train} chars) is shorter than one batch of {global_batch} windows of "
             f"{seq_len} chars; use a longer corpus or a smaller --batch-size / --seq-len"
         )
-    stream_len = steps * seq_len
-    streams = offset + np.arange(global_batch) * stream_len
-    return (streams[None, :] + np.arange(steps)[:, None] * seq_len).astype(np.int64)
+    return StreamPlan(offset, steps * seq_len, steps, global_batch, seq_len)
 
 
-def shard(plan: np.ndarray, index: int, count: int) -> np.ndarray:
-    """The columns of an epoch plan that worker `index` of `count` trains on."""
+def shard(plan: EpochPlan | np.ndarray, index: int, count: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows [start, stop) of the columns of an epoch plan that worker `index` of `count` trains on."""
+    if isinstance(plan, np.ndarray):
+        plan = ArrayPlan(plan)
     if not 0 <= index < count:
         raise ValueError(f"shard index {index} outside [0, {count})")
-    if plan.shape[1] % count:
-        raise ValueError(f"global batch {plan.shape[1]} is not divisible by {count} workers")
-    per = plan.shape[1] // count
-    return plan[:, index * per : (index + 1) * per]
+    if plan.global_batch % count:
+        raise ValueError(f"global batch {plan.global_batch} is not divisible by {count} workers")
+    per = plan.global_batch // count
+    return plan.rows(start, stop, np.arange(index * per, (index + 1) * per))
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,14 @@ def corpus_seeds(text: str, count: int, length: int, seed: int) -> list[str]:
     return [text[s : s + length] for s in starts]
 
 
+def corpus_seed_ids(ids: np.ndarray, vocab: Vocab, count: int, length: int, seed: int) -> list[str]:
+    """corpus_seeds over encoded text (e.g. a memory-mapped train.bin): only the chosen windows are read."""
+    if len(ids) <= length:
+        raise UserError(f"corpus has {len(ids)} chars, too short for {length}-char seeds; give --prompt")
+    starts = np.random.default_rng([int(seed), 0xC0FFEE]).integers(0, len(ids) - length, count)
+    return [vocab.decode(ids[s : s + length]) for s in starts]
+
+
 def encode_all(prompts: list[str], vocab: Vocab, skip_unknown: bool) -> list[np.ndarray]:
     """Encode every prompt, naming characters outside the vocabulary unless told to skip them."""
     missing = sorted({c for p in prompts for c in vocab.unknown(p)})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from typing import Any
 
 from job import storage
@@ -70,3 +71,12 @@ def write_loss_plot(output: str, history: list[dict[str, Any]], title: str) -> N
 
 def bits(nats: float) -> float:
     return nats / math.log(2)
+
+
+def quiet_tensorflow(verbose: bool) -> None:
+    """TensorFlow's C++ INFO and WARNING notices (oneDNN, CUDA probing) in this process and in every Ray worker it
+    starts (they inherit the driver's environment or receive it through train_func's config). Must precede the
+    first TensorFlow import. (Two absl lines printed before TensorFlow's logging starts cannot be silenced by any
+    setting: tensorflow/tensorflow#100442.)"""
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

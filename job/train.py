@@ -7,23 +7,13 @@ local Ray instance, so the same command works on a laptop, a Ray cluster and a K
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from typing import Any
 
-from job import cluster, storage
+from job import cluster, report, storage
 from job.config import TrainConfig, load_train_config
 from job.errors import run_cli
-
-
-def quiet_tensorflow(verbose: bool) -> None:
-    """TensorFlow's C++ INFO and WARNING notices (oneDNN, CUDA probing) in this process and in every Ray worker it
-    starts (they inherit the driver's environment or receive it through train_func's config). Must precede the
-    first TensorFlow import. (Two absl lines printed before TensorFlow's logging starts cannot be silenced by any
-    setting: tensorflow/tensorflow#100442.)"""
-    if not verbose:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def preflight(cfg: TrainConfig) -> dict[str, Any]:
@@ -100,7 +90,7 @@ def _fit_interruptibly(trainer):
 
 def main(argv: list[str] | None = None) -> int:
     cfg = load_train_config(argv)
-    quiet_tensorflow(cfg.verbose)
+    report.quiet_tensorflow(cfg.verbose)
     preflight(cfg)
     if cfg.in_process:
         from job.worker import train_func

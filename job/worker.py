@@ -111,6 +111,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     Under Ray the driver has prepared the dataset (job.train.preflight); called on its own (in-process, a
     notebook) the single worker makes sure of it itself."""
     cfg = TrainConfig.from_dict(config)
+    report.quiet_tensorflow(cfg.verbose)  # a Ray worker of `ray job submit` has not inherited the driver's setting
     in_ray = bool(config.get("_in_ray"))
     if not in_ray:
         ensure_dataset(cfg, log=lambda _line: None)
@@ -331,7 +332,6 @@ class Trainer:
         while p.epoch < cfg.epochs and not p.stopped_early:
             plan = self.plan_fn(len(self.train_ids), cfg.seq_len, self.global_batch, p.epoch, cfg.seed)
             steps_total = len(plan)
-            mine = data.shard(plan, self.rank, self.world)  # (steps, per-worker batch) window starts
             states = self._zero_states()
             epoch_start = time.monotonic()
             chars_this_epoch = 0
@@ -341,8 +341,8 @@ class Trainer:
                     (cfg.checkpoint_every_steps, cfg.eval_every_steps))
                 self._apply_learning_rate(agreed_elapsed)
                 signal = self.tf.constant([over, p.elapsed_sec], dtype=self.tf.float32)
-                windows = data.gather_windows(self.train_ids, mine[p.step_in_epoch:p.step_in_epoch + count],
-                                              cfg.seq_len)
+                starts = data.shard(plan, self.rank, self.world, p.step_in_epoch, p.step_in_epoch + count)
+                windows = data.gather_windows(self.train_ids, starts, cfg.seq_len)
                 loss_sum, states, summed = self._steps(windows, states, signal, count)
                 stop, agreed_elapsed = (float(x) for x in summed.numpy())
                 agreed_elapsed /= self.world

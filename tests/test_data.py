@@ -10,6 +10,8 @@ from job.errors import UserError
 @pytest.mark.parametrize("plan_fn", [data.sliding_plan, data.stream_plan])
 def test_shards_are_disjoint_and_complete(plan_fn):
     plan = plan_fn(5000, 20, 12, epoch=3, seed=7)
+    assert data.shard(plan, 1, 3, 2, 5).tolist() == np.asarray(plan)[2:5, 4:8].tolist()  # rows of one call
+    plan = np.asarray(plan)
     for count in (1, 2, 3, 4):
         shards = [data.shard(plan, i, count) for i in range(count)]
         flat = np.concatenate([s.ravel() for s in shards])
@@ -20,7 +22,7 @@ def test_shards_are_disjoint_and_complete(plan_fn):
 
 def test_sliding_plan_covers_all_windows_but_the_last_partial_batch():
     n, seq, gb = 1000, 10, 16
-    plan = data.sliding_plan(n, seq, gb, epoch=0, seed=0)
+    plan = np.asarray(data.sliding_plan(n, seq, gb, epoch=0, seed=0))
     windows = n - seq
     assert plan.size == windows - windows % gb
     assert plan.min() >= 0 and plan.max() + seq < n  # target ids[s+L] inside the training text
@@ -30,7 +32,9 @@ def test_sliding_plan_covers_all_windows_but_the_last_partial_batch():
 
 def test_stream_plan_rows_continue_each_stream():
     n, seq, gb = 10_000, 25, 8
-    plan = data.stream_plan(n, seq, gb, epoch=2, seed=1)
+    lazy = data.stream_plan(n, seq, gb, epoch=2, seed=1)
+    plan = np.asarray(lazy)
+    assert plan.shape == lazy.shape and len(lazy) == lazy.steps
     assert np.all(np.diff(plan, axis=0) == seq)  # row k+1 continues row k in every stream
     starts = np.sort(plan.ravel())
     assert np.all(np.diff(starts) == seq)  # contiguous tiling of the text, no gaps, no overlap
@@ -41,7 +45,7 @@ def test_stream_plan_rows_continue_each_stream():
 def test_two_workers_see_the_one_worker_global_batches():
     plan = data.stream_plan(10_000, 25, 8, epoch=0, seed=0)
     joined = np.concatenate([data.shard(plan, 0, 2), data.shard(plan, 1, 2)], axis=1)
-    assert np.array_equal(joined, plan)
+    assert np.array_equal(joined, np.asarray(plan))
 
 
 def test_shard_arguments_checked():

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import textgen
 
@@ -165,3 +166,22 @@ def test_other_settings_into_the_same_output_are_refused(models, tmp_path):
     assert generate(*base, "--seed", "1").returncode == 0
     proc = generate(*base, "--seed", "2")
     assert proc.returncode == 2 and "other settings" in proc.stderr
+
+
+def test_corpus_seeds_from_a_memory_mapped_dataset_match_the_text_ones(tmp_path):
+    from job import prompts
+    from job.corpus import Vocab
+
+    text = textgen.story(3000, seed=9)
+    vocab = Vocab.from_text(text)
+    path = tmp_path / "train.bin"
+    vocab.encode(text).astype(np.uint8).tofile(path)
+    ids = np.memmap(path, dtype=np.uint8, mode="r")
+    assert prompts.corpus_seed_ids(ids, vocab, 7, 100, seed=3) == prompts.corpus_seeds(text, 7, 100, seed=3)
+
+
+def test_progress_line_without_a_terminal():
+    from job.generate import progress_line
+
+    line = progress_line(3000, 10000, 1_500_000, 30.0, fresh=2000)
+    assert line == "generated 3,000/10,000 samples (30%)  50,000 chars/s  elapsed 0:30  eta 1:45"
