@@ -223,7 +223,7 @@ class ShardGenerator:
     def __init__(self, plan: Plan):
         from job import report
 
-        report.quiet_tensorflow(False)  # before TensorFlow's first import in this process (driver or Ray actor)
+        report.import_tensorflow(False)  # first in this process (driver or Ray actor): without its start-up notices
         from job import export
         from job.sample import Sampler
 

@@ -10,6 +10,9 @@ import io
 import json
 import math
 import os
+import re
+import sys
+import tempfile
 from typing import Any
 
 from job import storage
@@ -76,7 +79,45 @@ def bits(nats: float) -> float:
 def quiet_tensorflow(verbose: bool) -> None:
     """TensorFlow's C++ INFO and WARNING notices (oneDNN, CUDA probing) in this process and in every Ray worker it
     starts (they inherit the driver's environment or receive it through train_func's config). Must precede the
-    first TensorFlow import. (Two absl lines printed before TensorFlow's logging starts cannot be silenced by any
-    setting: tensorflow/tensorflow#100442.)"""
+    first TensorFlow import; `import_tensorflow` does that import."""
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# What `import tensorflow` prints before TensorFlow's own logging (and TF_CPP_MIN_LOG_LEVEL) is in force: absl's
+# "All log messages before absl::InitializeLog() ..." banner and absl INFO/WARNING lines such as cudart_stub's
+# "Could not find cuda drivers", twice per process (tensorflow/tensorflow#100442: no setting reaches them).
+_PRE_INIT_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)"
+                             r"|[IW]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] )")
+
+
+def drop_pre_init_noise(text: str) -> str:
+    return "".join(line for line in text.splitlines(keepends=True) if not _PRE_INIT_NOISE.match(line))
+
+
+def import_tensorflow(verbose: bool):
+    """Import TensorFlow once per process, dropping only its pre-init INFO/WARNING notices unless --verbose.
+
+    Everything else written to stderr meanwhile (by Python, by another thread, an E/F line from TensorFlow) is
+    written back after the import, in order."""
+    quiet_tensorflow(verbose)
+    if verbose or "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        return tf
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow as tf
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = drop_pre_init_noise(capture.read().decode(errors="replace"))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+    return tf

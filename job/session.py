@@ -159,8 +159,12 @@ class LocalSession(Session):
             storage.delete(old, recursive=True)
 
 
+class RunAborted(Exception):
+    """The run was stopped from outside this worker; the worker ends without a traceback."""
+
+
 class RaySession(Session):
-    """Inside a Ray Train worker (TensorflowTrainer); Ray uploads, registers and prunes checkpoints."""
+    """Inside a Ray Train worker; Ray uploads, registers and prunes checkpoints."""
 
     in_ray = True
 
@@ -187,12 +191,19 @@ class RaySession(Session):
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         import math
 
+        import ray.exceptions
         import ray.train
 
         # Ray orders checkpoints by val_loss; JSON has no infinity.
         clean = {k: (1e9 if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(clean, checkpoint=checkpoint)
+        try:
+            ray.train.report(clean, checkpoint=checkpoint)
+        except ray.exceptions.RayActorError as e:
+            # The controller (and the actor that syncs checkpoint names, which it owns) is gone: the driver was
+            # stopped (Ctrl-C, `ray job stop`) or failed while this worker was reporting. Ray is tearing the
+            # worker down; a traceback of our loop would only say the same thing louder.
+            raise RunAborted("the run's Ray Train controller is gone (the driver stopped or failed)") from e
 
 
 def detect_session(cfg: TrainConfig, in_ray: bool) -> Session:

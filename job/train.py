@@ -36,14 +36,16 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
 
 def launch_ray(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+    from job.backend import MirroredConfig
     from job.worker import train_func
 
     filesystem, path = storage.pyarrow_filesystem(storage.join(cfg.output, "checkpoints"))
     resources = {"CPU": cfg.cpus_per_worker}
-    trainer = TensorflowTrainer(
+    trainer = DataParallelTrainer(  # Ray's TensorflowTrainer, minus TensorFlow in this process (job/backend.py)
         train_func,
+        backend_config=MirroredConfig(),
         train_loop_config={**cfg.to_dict(), "_in_ray": True},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),

@@ -31,7 +31,7 @@ from job.schedule import (
     record_evaluation,
     steps_in_next_call,
 )
-from job.session import Session, detect_session
+from job.session import RunAborted, Session, detect_session
 from job.tensorboard import Board
 
 
@@ -83,7 +83,7 @@ def _make_strategy(cpu_threads: int | None = None):
         # every core of the node, so workers sharing a node would oversubscribe it. Must precede any op.
         tf.config.threading.set_intra_op_parallelism_threads(cpu_threads)
 
-    # Ray's TensorflowTrainer sets TF_CONFIG; in-process runs use the default strategy.
+    # Under Ray, job.backend sets TF_CONFIG; in-process runs use the default strategy.
     if os.environ.get("TF_CONFIG"):
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
@@ -111,13 +111,17 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     Under Ray the driver has prepared the dataset (job.train.preflight); called on its own (in-process, a
     notebook) the single worker makes sure of it itself."""
     cfg = TrainConfig.from_dict(config)
-    report.quiet_tensorflow(cfg.verbose)  # a Ray worker of `ray job submit` has not inherited the driver's setting
+    report.import_tensorflow(cfg.verbose)  # a Ray worker of `ray job submit` has not inherited the driver's setting
     in_ray = bool(config.get("_in_ray"))
     if not in_ray:
         ensure_dataset(cfg, log=lambda _line: None)
     session = detect_session(cfg, in_ray=in_ray)
     with deferred_interrupts():  # Ctrl-C / SIGTERM stop the run after the current step, never inside TensorFlow
-        return Trainer(cfg, session).run()
+        try:
+            return Trainer(cfg, session).run()
+        except RunAborted as e:
+            print(f"worker {session.rank}: stopping: {e}", flush=True)
+            return {}
 
 
 class Trainer:

@@ -7,7 +7,9 @@ stop exactly the processes they started when the session ends, whether tests pas
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -33,6 +35,16 @@ def corpus_file(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture
+def ray_tmp():
+    """A private temp dir for a Ray the test's command starts itself (RAY_TMPDIR): its processes all name it,
+    so the test can tell they are gone. Short: Ray's unix socket paths under it must stay below 108 bytes
+    (pytest's tmp_path is too deep)."""
+    path = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from infra import localstack
 
 REPO_ROOT = localstack.REPO_ROOT
@@ -180,6 +182,26 @@ class Submission:
         return JobResult(job_id=self.job_id, returncode=None if timed_out else self.proc.returncode,
                          status=self.cluster.job_status(self.job_id), logs=self.cluster.job_logs(self.job_id),
                          output=output or "", timed_out=timed_out)
+
+
+def processes_using(directory: str) -> list[psutil.Process]:
+    """Live processes whose command line names `directory` (Ray passes its temp/session dir to each daemon)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and any(directory in a for a in proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def wait_until_gone(directory: str, seconds: float = 60) -> list[psutil.Process]:
+    """Wait for every process naming `directory` to exit; returns those still alive after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while (left := processes_using(directory)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
 
 
 def pid_alive(pid: int) -> bool:

@@ -193,3 +193,37 @@ def test_ray_job_stop_aborts_the_run_cleanly_and_rerun_resumes(ray_cluster, s3_s
     ours = ray_cluster.wait_actors_gone(before)
     assert {a["class_name"] for a in ours} == {"RayTrainWorker", "TrainController"}
     _resume_in_process([*args, "--batch-size", "8"], root, out)
+
+
+def test_a_report_to_a_controller_that_is_gone_stops_the_worker_without_a_traceback(monkeypatch, capsys):
+    """The race behind a Ctrl-C under Ray: the driver's abort kills the controller while a worker is inside
+    `ray.train.report`, whose checkpoint-name sync then raises ActorDiedError. Ray logs whatever train_func
+    raises as "Error in training function" with a traceback through our loop; the worker must stop quietly."""
+    import ray.exceptions
+    import ray.train
+
+    from job import worker
+    from job.config import TrainConfig
+
+    def dead_controller(*_args, **_kwargs):
+        raise ray.exceptions.ActorDiedError()
+
+    monkeypatch.setattr(ray.train, "report", dead_controller)
+    ray_session = session.RaySession.__new__(session.RaySession)  # no Ray Train context outside a worker
+    with pytest.raises(session.RunAborted, match="controller is gone"):
+        ray_session.report({"global_step": 3, "val_loss": 1.0}, None)
+
+    ray_session.rank = 1
+
+    class Reporting:
+        def __init__(self, *_args):
+            pass
+
+        def run(self):
+            ray_session.report({"global_step": 3}, None)
+
+    monkeypatch.setattr(worker, "detect_session", lambda cfg, in_ray: ray_session)
+    monkeypatch.setattr(worker, "Trainer", Reporting)
+    assert worker.train_func({**TrainConfig().to_dict(), "_in_ray": True}) == {}
+    assert capsys.readouterr().out.strip() == ("worker 1: stopping: the run's Ray Train controller is gone "
+                                               "(the driver stopped or failed)")

@@ -10,16 +10,13 @@ tests plant such a file in a private temp dir (RAY_TMPDIR) and run the training 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
+from e2e_helpers import wait_until_gone
 from textgen import story
 
 from job import storage
@@ -30,26 +27,6 @@ TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_c
 # What Ray prints when its actors query the wrong cluster (or none).
 WRONG_CLUSTER = ("PlacementGroupCleaner", "Failed to query Ray Train Controller", "Timed out while waiting for GCS",
                  "Found multiple active Ray instances")
-
-
-def _processes_using(directory: str) -> list[psutil.Process]:
-    """Live processes whose command line names `directory` (Ray passes its temp/session dir to each daemon)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and any(directory in a for a in proc.info["cmdline"] or []):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-@pytest.fixture
-def ray_tmp():
-    # Short: Ray's unix socket paths under it must stay below 108 bytes (pytest's tmp_path is too deep).
-    path = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _run_local_training(tmp_path: Path, ray_tmp: Path,
@@ -80,9 +57,7 @@ def _assert_clean_run(proc: subprocess.CompletedProcess, out: str, ray_tmp: str)
     epochs = storage.read_text(storage.join(out, "metrics.jsonl")).splitlines()
     assert len(epochs) == TINY["epochs"]
     # Cleaned up normally: every process of the cluster the run started (they all name its temp dir) is gone.
-    deadline = time.monotonic() + 60
-    while (left := _processes_using(ray_tmp)) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    left = wait_until_gone(ray_tmp)
     assert not left, [p.info["cmdline"] for p in left]
 
 
