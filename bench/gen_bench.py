@@ -44,14 +44,14 @@ def tutorial_loop(vocab_size: int, n_chars: int, seed: int = 0) -> dict[str, Any
 
 
 def sampler_rates(vocab_size: int, units: list[int], batches: list[int], length: int, repeats: int,
-                  temperature: float, seed: int = 0) -> dict[str, Any]:
+                  temperature: float, seed: int = 0, xla: bool = True) -> dict[str, Any]:
     from job import model as model_lib
     from job.config import PRESETS, TrainConfig
     from job.sample import Sampler
 
     cfg = TrainConfig(**{**PRESETS["default"], "preset": "default", "output": "unused", "units": units})
     model = model_lib.build(cfg, vocab_size)
-    sampler = Sampler(model, cfg.input_mode, vocab_size, cfg.seq_len)
+    sampler = Sampler(model, cfg.input_mode, vocab_size, cfg.seq_len, xla=xla)
     step = common.lstm_step_flops(cfg.embed_dim, cfg.units)
     head = common.head_flops(cfg.units, vocab_size)
     rng = np.random.default_rng(seed)
@@ -67,7 +67,8 @@ def sampler_rates(vocab_size: int, units: list[int], batches: list[int], length:
             times.append(time.perf_counter() - t0)
         sec = common.median(times)
         flops = batch * ((PROMPT_LEN - 1) * step + length * (step + head))
-        rows.append({"batch": batch, "length": length, "seconds_median": sec, "seconds": times,
+        rows.append({"batch": batch, "length": length, "seconds_median": sec, "seconds": times, "xla": xla,
+                     "temperature": temperature,
                      "chars_per_sec": batch * length / sec, "flops_per_sec": flops / sec})
     return {
         "method": "job.sample.Sampler: prime once, then one compiled batched step per char (tf.while_loop)",

@@ -64,8 +64,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(HERE / "results"), help="Results folder (default bench/results).")
     p.add_argument("--workdir", default=str(HERE / "work"),
                    help="Scratch folder for the training runs (default bench/work, gitignored; wiped per run).")
-    p.add_argument("--gen-batches", type=_int_list, default=[1, 64, 512, 2048],
-                   help="Sampler batch sizes (default 1,64,512,2048).")
+    p.add_argument("--gen-batches", type=_int_list, default=[1, 64, 256, 512, 2048],
+                   help="Sampler batch sizes (default 1,64,256,512,2048).")
+    p.add_argument("--gen-job-samples", type=int, default=10_000,
+                   help="Samples of each timed generation-job run (the CLI, default flags; default 10000; 0: skip).")
     p.add_argument("--gen-length", type=int, default=500, help="Characters generated per sample (default 500).")
     p.add_argument("--gen-repeats", type=int, default=3, help="Timed calls per batch size, median (default 3).")
     p.add_argument("--gen-units", type=_int_list, default=None,
@@ -127,8 +129,8 @@ def run_training(preset: str, corpus: str, seconds: float, workdir: Path) -> dic
     return result
 
 
-def run_generation(args, vocab_size: int) -> dict[str, Any]:
-    from bench import gen_bench
+def run_generation(args, vocab_size: int, corpus: str, workdir: Path) -> dict[str, Any]:
+    from bench import gen_bench, gen_job
 
     print(f"\n== generation: tutorial loop ({args.tutorial_chars} chars)", flush=True)
     tut = gen_bench.tutorial_loop(vocab_size, args.tutorial_chars)
@@ -138,7 +140,14 @@ def run_generation(args, vocab_size: int) -> dict[str, Any]:
                                    args.gen_repeats, args.gen_temperature)
     for row in ours["rows"]:
         print(f"   batch {row['batch']:>5}: {row['chars_per_sec']:,.0f} chars/s", flush=True)
-    return {"tutorial": tut, "ours": ours}
+    plain = gen_bench.sampler_rates(vocab_size, args.gen_units, [gen_job.CPU_BATCH], args.gen_length,
+                                    args.gen_repeats, args.gen_temperature, xla=False)
+    print(f"   batch {gen_job.CPU_BATCH:>5}, plain graph (--no-xla): {plain['rows'][0]['chars_per_sec']:,.0f} chars/s",
+          flush=True)
+    result = {"tutorial": tut, "ours": ours, "plain": plain}
+    if args.gen_job_samples:
+        result["job"] = gen_job.run(corpus, workdir, args.gen_job_samples, args.gen_length)
+    return result
 
 
 # Assumptions of the on-paper sizing estimate (README "Scaling"): a mid-range cloud GPU such as an A10G
@@ -222,6 +231,10 @@ def assess(results: dict[str, Any]) -> dict[str, Any]:
             "measured": best["chars_per_sec"], "at_batch": best["batch"],
             "met": bool(best["chars_per_sec"] >= TARGET_GEN_CHARS_PER_SEC),
         }
+        if "job" in gen:
+            from bench import gen_job
+
+            out["target_gen_job"] = gen_job.targets(gen["job"])
     return out
 
 
@@ -306,6 +319,11 @@ def markdown(results: dict[str, Any]) -> str:
         if list(ours["units"]) != list(shipped):
             lines += [f"Note: the shipped `default` preset has LSTM {'x'.join(map(str, shipped))}; this run measured "
                       f"{'x'.join(map(str, ours['units']))} (`--gen-units`).", ""]
+        if "job" in gen:
+            from bench import gen_job
+
+            kernel = [r for r in ours["rows"] if r["batch"] == gen_job.CPU_BATCH] + gen.get("plain", {}).get("rows", [])
+            lines += gen_job.markdown(gen["job"], kernel)
     lines += ["## Targets", "", "| target | measured | met? |", "|---|---:|:---:|"]
     if "target_loss" in a:
         t = a["target_loss"]
@@ -317,6 +335,8 @@ def markdown(results: dict[str, Any]) -> str:
     if "target_gen_speed" in a:
         t = a["target_gen_speed"]
         lines.append(f"| {t['target']} | {t['measured']:,.0f} chars/s (batch {t['at_batch']}) | {_yes(t['met'])} |")
+    for t in a.get("target_gen_job", []):
+        lines.append(f"| {t['target']} | {t['measured']:,.0f} chars/s | {_yes(t['met'])} |")
     if "scaling" in results:
         lines += scaling_markdown(results["scaling"])
     return "\n".join(lines)
@@ -461,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             "ours": run_training("default", corpus, args.seconds, workdir),
         }
     if args.only in (None, "gen"):
-        results["generation"] = run_generation(args, vocab_size)
+        results["generation"] = run_generation(args, vocab_size, corpus, workdir)
 
     if args.only in (None, "scale"):
         results["scaling"] = run_scaling(args, corpus, workdir, vocab_size)

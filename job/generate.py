@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import json
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from job.corpus import Vocab
 from job.errors import UserError, run_cli
 
 SAMPLES_DIR = "samples"
+CPU_BATCH = 256
 MANIFEST = "manifest.json"
 
 
@@ -42,10 +44,11 @@ class GenerateConfig:
     prompt: str | None = None
     prompts: str | None = None
     seed: int = 0
-    num_workers: int = 1
+    num_workers: int = 0  # 0: as many as the cluster's free CPUs (GPUs with --use-gpu) fit, at most one per shard
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    batch_size: int = 256
+    batch_size: int = 0  # 0: by device (CPU_BATCH, or a whole shard on a GPU)
+    xla: bool = True
     shard_size: int = 1000
     unknown_chars: str = "error"
     print_samples: bool = False
@@ -60,9 +63,9 @@ class GenerateConfig:
             (self.temperature >= 0, f"--temperature must be >= 0, 0 meaning greedy (got {self.temperature})"),
             (self.top_k >= 0, f"--top-k must be >= 0, 0 meaning off (got {self.top_k})"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})"),
-            (self.num_workers >= 1, f"--num-workers must be >= 1 (got {self.num_workers})"),
+            (self.num_workers >= 0, f"--num-workers must be >= 1, or 0 for auto (got {self.num_workers})"),
             (self.cpus_per_worker > 0, f"--cpus-per-worker must be > 0 (got {self.cpus_per_worker})"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
+            (self.batch_size >= 0, f"--batch-size must be >= 1, or 0 for auto (got {self.batch_size})"),
             (self.shard_size >= 1, f"--shard-size must be >= 1 (got {self.shard_size})"),
             (not (self.prompt is not None and self.prompts), "give --prompt or --prompts, not both"),
             (self.prompt is None or self.prompt != "", "--prompt must not be empty"),
@@ -74,6 +77,14 @@ class GenerateConfig:
             if not ok:
                 raise UserError(message)
         return self
+
+    @property
+    def batch(self) -> int:
+        """Samples advanced together. On a CPU, throughput is flat from about 256 rows (bench/README.md) and a
+        smaller batch lets the last one of a shard waste less; a GPU wants every sample of the shard at once."""
+        if self.batch_size:
+            return self.batch_size
+        return self.shard_size if self.use_gpu else min(CPU_BATCH, self.shard_size)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -91,10 +102,17 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts", help="File/URL of prompts: one per line, or JSONL ({\"prompt\": ...}); "
                      "sample i uses prompt i modulo their number. Default: random corpus seeds, as the tutorial.")
     p.add_argument("--seed", type=int, default=0, help="Seed: same seed, same samples, whatever the workers.")
-    p.add_argument("--num-workers", type=int, default=1, help="Ray workers, each loading the model once.")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="Ray workers, each loading the model once (default 0: as many as the cluster's free CPUs, "
+                   "or GPUs with --use-gpu, can run, at most one per shard).")
     p.add_argument("--use-gpu", action="store_true", help="One GPU per worker.")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1).")
-    p.add_argument("--batch-size", type=int, default=256, help="Samples advanced together per step (default 256).")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="CPUs reserved per worker; also its TensorFlow thread count (default 1).")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help=f"Samples advanced together per step (default 0: {CPU_BATCH} on CPU, a whole shard on GPU).")
+    p.add_argument("--no-xla", dest="xla", action="store_false",
+                   help="Run the sampling loop as a plain TensorFlow graph instead of compiling it with XLA "
+                   "(same output; XLA is faster but compiles once per batch shape).")
     p.add_argument("--shard-size", type=int, default=1000, help="Samples per output shard (default 1000).")
     p.add_argument("--unknown-chars", choices=("error", "skip"), default="error",
                    help="Prompt characters outside the vocabulary: error (default) or skip them.")
@@ -218,23 +236,31 @@ def summary(plan: Plan, index: int, records: list[dict[str, Any]], blob: bytes) 
 
 # ---------------------------------------------------------------- the work (TensorFlow)
 class ShardGenerator:
-    """Loads the model once; generates and writes whole shards."""
+    """Loads the model once; generates and writes whole shards.
 
-    def __init__(self, plan: Plan):
+    Two shards can be in hand at once (a Ray actor with max_concurrency=2, or two threads in-process): one is
+    generated (TensorFlow, under a lock) while the other is encoded, compressed and uploaded, so the device
+    never waits for storage. Each call returns only once its shard is written."""
+
+    def __init__(self, plan: Plan, threads: int | None = None):
         from job import report
 
-        report.import_tensorflow(False)  # first in this process (driver or Ray actor): without its start-up notices
+        tf = report.import_tensorflow(False)  # first in this process (driver or Ray actor): no start-up notices
+        if threads:  # a Ray actor: as many TensorFlow threads as CPUs reserved, not one per core of the node
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
         from job import export
         from job.sample import Sampler
 
         self.plan = plan
+        self._device = threading.Lock()
         exported = export.load(plan.model_url)
         self.vocab = exported.vocab
         cfg = exported.config
         self.seq_len = int(cfg.get("seq_len", 100))
         self.input_mode = cfg.get("input_mode", "embedding")
         self.sampler = Sampler(exported.model, self.input_mode, len(self.vocab), self.seq_len,
-                               self.vocab.unknown_id)
+                               self.vocab.unknown_id, xla=plan.cfg.xla)
 
     def _prompt_ids(self, text: str) -> np.ndarray:
         ids = self.vocab.encode(text)
@@ -243,40 +269,68 @@ class ShardGenerator:
             ids = np.concatenate([np.full(max(0, self.seq_len - len(ids)), pad, np.int32), ids])[-self.seq_len:]
         return ids
 
-    def run(self, index: int) -> dict[str, Any]:
+    def _generate(self, start: int, end: int) -> dict[int, np.ndarray]:
         plan, cfg = self.plan, self.plan.cfg
-        start, end = plan.shards[index]
-        texts: dict[int, str] = {}
+        rows: dict[int, np.ndarray] = {}
         # Batches hold prompts of one length (the LSTM is primed in one call); order is fixed by ids.
         by_length: dict[int, list[int]] = {}
         for i in range(start, end):
             by_length.setdefault(len(self._prompt_ids(plan.prompts[i])), []).append(i)
         for _length, ids in sorted(by_length.items()):
-            for b in range(0, len(ids), cfg.batch_size):
-                batch = ids[b : b + cfg.batch_size]
+            for b in range(0, len(ids), cfg.batch):
+                batch = ids[b : b + cfg.batch]
                 prompts = np.stack([self._prompt_ids(plan.prompts[i]) for i in batch])
                 out = self.sampler.generate(prompts, cfg.length, cfg.temperature, cfg.top_k, cfg.top_p,
                                             seed=cfg.seed, sample_ids=np.asarray(batch))
-                for i, row in zip(batch, out, strict=True):
-                    texts[i] = self.vocab.decode(row)
+                rows.update(zip(batch, out, strict=True))
+        return rows
+
+    def run(self, index: int) -> dict[str, Any]:
+        plan = self.plan
+        start, end = plan.shards[index]
+        with self._device:
+            rows = self._generate(start, end)
         params = plan.record_params()
-        records = [{"id": i, "prompt": plan.prompts[i], "text": texts[i], **params} for i in range(start, end)]
+        records = [{"id": i, "prompt": plan.prompts[i], "text": self.vocab.decode(rows[i]), **params}
+                   for i in range(start, end)]
         blob = shard_bytes(records)
         storage.write_bytes(plan.shard_url(index), blob)  # atomic: never a partial shard under samples/
         return summary(plan, index, records, blob)
 
 
 def _run_in_process(plan: Plan, todo: list[int], progress) -> list[dict[str, Any]]:
+    from concurrent.futures import ThreadPoolExecutor
+
     from job.errors import check_interrupt, deferred_interrupts
 
     done = []
     with deferred_interrupts():  # Ctrl-C / SIGTERM stop between shards, never inside TensorFlow
         generator = ShardGenerator(plan)
-        for index in todo:
-            done.append(generator.run(index))
-            progress(done[-1])
-            check_interrupt()
+        with ThreadPoolExecutor(2) as pool:  # shard i+1 generates while shard i is written
+            pending = [pool.submit(generator.run, index) for index in todo[:2]]
+            queue = todo[2:]
+            try:
+                while pending:
+                    done.append(pending.pop(0).result())
+                    progress(done[-1])
+                    check_interrupt()
+                    if queue:
+                        pending.append(pool.submit(generator.run, queue.pop(0)))
+            finally:
+                for future in pending:  # interrupted: finish what is running (whole shards only), start nothing
+                    future.cancel()
     return done
+
+
+def auto_workers(cfg: GenerateConfig, shards: int) -> int:
+    """--num-workers 0: one per free CPU share (or GPU), never more than there are shards, at least one."""
+    import ray
+
+    if cfg.num_workers:
+        return cfg.num_workers
+    free = ray.available_resources()
+    fits = free.get("GPU", 0.0) if cfg.use_gpu else free.get("CPU", 0.0) / cfg.cpus_per_worker
+    return max(1, min(shards, int(fits + 1e-9)))
 
 
 def _run_on_ray(plan: Plan, todo: list[int], progress) -> list[dict[str, Any]]:
@@ -285,11 +339,15 @@ def _run_on_ray(plan: Plan, todo: list[int], progress) -> list[dict[str, Any]]:
     from job import cluster
 
     cfg = plan.cfg
-    cluster.connect(cfg.num_workers, cfg.cpus_per_worker)
-    cluster.check_capacity(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
-    actor_cls = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0)(ShardGenerator)
-    workers = [actor_cls.remote(plan) for _ in range(min(cfg.num_workers, len(todo)))]
-    pool = ray.util.ActorPool(workers)
+    cluster.connect(cfg.num_workers or 1, cfg.cpus_per_worker)
+    count = auto_workers(cfg, len(todo))
+    cluster.check_capacity(count, cfg.cpus_per_worker, cfg.use_gpu)
+    actor_cls = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0,
+                           max_concurrency=2)(ShardGenerator)
+    threads = max(1, round(cfg.cpus_per_worker))
+    workers = [actor_cls.remote(plan, threads) for _ in range(min(count, len(todo)))]
+    # Each actor listed twice: two shards in hand per actor, one generating while the other is written.
+    pool = ray.util.ActorPool([w for w in workers for _ in range(2)])
     done = []
     for result in pool.map_unordered(lambda w, i: w.run.remote(i), todo):
         done.append(result)
@@ -300,6 +358,7 @@ def _run_on_ray(plan: Plan, todo: list[int], progress) -> list[dict[str, Any]]:
 def write_manifest(plan: Plan, shards: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     cfg = plan.cfg
     params = {k: v for k, v in asdict(cfg).items() if k not in ("print_samples", "in_process", "model", "output")}
+    params["batch_size"] = cfg.batch  # resolved (0 means "by device" on the command line)
     manifest = {
         "num_samples": sum(s["samples"] for s in shards),
         "total_chars": sum(s["chars"] for s in shards),

@@ -278,7 +278,7 @@ class Trainer:
 
         if not hasattr(self, "_sampler"):  # built once: a new Sampler would retrace every epoch
             self._sampler = Sampler(self.model, self.cfg.input_mode, len(self.vocab), self.cfg.seq_len,
-                                    self.vocab.unknown_id)
+                                    self.vocab.unknown_id, xla=False)  # one short sample: not worth a compile
         out = self._sampler.generate(self.sample_prompt[None, :], self.cfg.sample_chars, temperature=0.8,
                                seed=self.cfg.seed * 1000 + self.progress.epoch)
         return self.vocab.decode(out[0])

@@ -71,3 +71,22 @@ def test_corpus_scale_files_table_and_goals(tmp_path):
     table = corpus_bench.markdown({"rows": rows, "assessment": a})
     assert "| 1,000 MB | 20 | 50.0 s | 120 MB | 40.0 s | 1,300 MB | 28,000 |" in table
     assert "error: train: exit 1: boom" in table and "**missed**" in table
+
+
+def test_generation_job_table_and_goals():
+    from bench import gen_job
+
+    job = {"samples": 10000, "length": 500, "temperature": 0.8, "rows": [
+        {"label": "default flags", "flags": [], "chars": 5_000_000, "job_seconds": 50.0, "job_chars_per_sec": 100000.0,
+         "process_seconds": 62.5, "process_chars_per_sec": 80000.0, "batch_size": 256},
+        {"label": "`--no-xla`", "flags": ["--no-xla"], "error": "boom"},
+    ]}
+    kernel = [{"batch": 256, "chars_per_sec": 110000.0, "temperature": 1.0, "xla": True},
+              {"batch": 256, "chars_per_sec": 80000.0, "temperature": 1.0, "xla": False}]
+    text = "\n".join(gen_job.markdown(job, kernel))
+    assert "| default flags | 256 | 100,000 | 80,000 | 62.5 |" in text
+    assert "| `--no-xla` | | failed | | |" in text
+    assert "in-process (plain graph), untrained weights, temperature 1 | 256 | 80,000" in text
+    assert [t["met"] for t in gen_job.targets(job)] == [True, True]
+    job["rows"][0]["job_chars_per_sec"] = 99_999.0
+    assert [t["met"] for t in gen_job.targets(job)] == [False, True]

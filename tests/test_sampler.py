@@ -94,3 +94,25 @@ def test_samples_do_not_depend_on_batch_composition():
     assert np.array_equal(whole, halves)
     shuffled = sampler.generate(prompts[::-1], 25, temperature=1.0, top_p=0.9, seed=7, sample_ids=ids[::-1])
     assert np.array_equal(whole, shuffled[::-1])
+
+
+@pytest.mark.parametrize("preset,units", [("default", [12, 10]), ("seed-small", [8])])
+def test_xla_loop_gives_the_plain_graph_output_for_any_batch(preset, units):
+    """XLA compiles the loop (padding each batch to a power of two); output is that of the plain graph, row by
+    row, whatever the batch size, with top-k / top-p / temperature."""
+    cfg, model = build(preset, units)
+    compiled, plain = Sampler(model, cfg.input_mode, V, 9), Sampler(model, cfg.input_mode, V, 9, xla=False)
+    prompts = np.random.default_rng(5).integers(0, V, (5, 9)).astype(np.int32)
+    ids = np.arange(40, 45)
+    for kwargs in ({"temperature": 0.8}, {"temperature": 1.2, "top_k": 4}, {"temperature": 1.0, "top_p": 0.7}):
+        expected = plain.generate(prompts, 20, seed=3, sample_ids=ids, **kwargs)
+        assert np.array_equal(compiled.generate(prompts, 20, seed=3, sample_ids=ids, **kwargs), expected)
+        parts = [compiled.generate(prompts[i:j], 20, seed=3, sample_ids=ids[i:j], **kwargs)
+                 for i, j in ((0, 1), (1, 4), (4, 5))]  # 1, 3 (padded to 4) and 1 rows
+        assert np.array_equal(np.concatenate(parts), expected)
+
+
+def test_padded_rows_are_powers_of_two():
+    from job.sample import padded_rows
+
+    assert [padded_rows(n) for n in (1, 2, 3, 4, 5, 255, 256, 257, 1000)] == [1, 2, 4, 4, 8, 256, 256, 512, 1024]

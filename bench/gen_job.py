@@ -1,0 +1,105 @@
+"""The generation job as users run it: `python -m job.generate` with default flags, timed end to end.
+
+A default-preset model is trained briefly first (`python -m job.train --in-process`; generation speed does not
+depend on how good the weights are, only on the model's shape and vocabulary). Then each variant runs as its own
+process: the whole-process wall time (Python and Ray start-up, model load, XLA compilation, writing the shards
+and manifest) and the rate the job reports (from after the plan to the manifest) are both recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from job.generate import CPU_BATCH  # noqa: F401 (re-exported: bench.run labels the kernel row)
+
+REPO = Path(__file__).resolve().parents[1]
+# Issue goals for this job on a 2-core machine (default flags, 10,000 x 500 chars).
+TARGET_JOB_CHARS_PER_SEC = 100_000.0
+TARGET_PROCESS_CHARS_PER_SEC = 80_000.0
+# (label, extra flags): the default is what `python -m job.generate --model M --output O` does.
+VARIANTS = [
+    ("default flags (local Ray: one worker per free CPU, batch 256, XLA)", []),
+    ("`--in-process` (no Ray, all cores in one process)", ["--in-process"]),
+    ("`--no-xla` (plain TensorFlow graph)", ["--no-xla"]),
+]
+
+
+def _run(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    return proc, time.perf_counter() - t0
+
+
+def train_model(corpus: str, workdir: Path, minutes: float = 0.3) -> str:
+    out = workdir / "gen-model"
+    shutil.rmtree(out, ignore_errors=True)
+    proc, _ = _run([sys.executable, "-m", "job.train", "--in-process", "--corpus", corpus, "--output", str(out),
+                    "--max-minutes", str(minutes)])
+    if proc.returncode != 0:
+        raise RuntimeError(f"training the generation model failed:\n{proc.stderr[-2000:]}")
+    return str(out)
+
+
+def run(corpus: str, workdir: Path, samples: int = 10_000, length: int = 500) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"== generation job: training a default-preset model for the runs ({workdir / 'gen-model'})", flush=True)
+    model = train_model(corpus, workdir)
+    rows = []
+    for label, flags in VARIANTS:
+        out = workdir / "gen-job"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "job.generate", "--model", model, "--output", str(out), "--num-samples",
+               str(samples), "--length", str(length), "--temperature", "0.8", "--seed", "7", *flags]
+        print(f"== generation job, {label}: {samples:,} x {length}", flush=True)
+        proc, wall = _run(cmd)
+        if proc.returncode != 0:
+            rows.append({"label": label, "flags": flags, "error": proc.stderr[-2000:]})
+            print(f"   failed: {proc.stderr[-500:]}", flush=True)
+            continue
+        final = json.loads(proc.stdout.strip().splitlines()[-1])
+        manifest = json.loads((out / "manifest.json").read_text())
+        rows.append({"label": label, "flags": flags, "chars": final["chars"], "job_seconds": final["seconds"],
+                     "job_chars_per_sec": final["chars_per_sec"], "process_seconds": wall,
+                     "process_chars_per_sec": final["chars"] / wall,
+                     "batch_size": manifest["parameters"]["batch_size"]})
+        print(f"   job-reported {final['chars_per_sec']:,.0f} chars/s; whole process {final['chars'] / wall:,.0f} "
+              f"chars/s ({wall:.1f} s)", flush=True)
+    return {"samples": samples, "length": length, "temperature": 0.8, "rows": rows}
+
+
+def targets(job: dict[str, Any]) -> list[dict[str, Any]]:
+    default = job["rows"][0]
+    if "error" in default:
+        return []
+    return [{"target": f"generation job, default flags: job-reported >= {TARGET_JOB_CHARS_PER_SEC:,.0f} chars/s",
+             "measured": default["job_chars_per_sec"],
+             "met": bool(default["job_chars_per_sec"] >= TARGET_JOB_CHARS_PER_SEC)},
+            {"target": f"generation job, default flags: whole process >= {TARGET_PROCESS_CHARS_PER_SEC:,.0f} chars/s",
+             "measured": default["process_chars_per_sec"],
+             "met": bool(default["process_chars_per_sec"] >= TARGET_PROCESS_CHARS_PER_SEC)}]
+
+
+def markdown(job: dict[str, Any], kernel_rows: list[dict[str, Any]] | None = None) -> list[str]:
+    lines = [f"## Generation job: `python -m job.generate`, {job['samples']:,} samples x {job['length']} chars, "
+             f"temperature {job['temperature']:g}", "",
+             "| run | batch | job-reported chars/s | whole process chars/s | whole process seconds |",
+             "|---|---:|---:|---:|---:|"]
+    for r in job["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['label']} | | failed | | |")
+            continue
+        lines.append(f"| {r['label']} | {r['batch_size']} | {r['job_chars_per_sec']:,.0f} | "
+                     f"{r['process_chars_per_sec']:,.0f} | {r['process_seconds']:.1f} |")
+    for k in kernel_rows or []:
+        lines.append(f"| kernel: `Sampler.generate` in-process{'' if k.get('xla', True) else ' (plain graph)'}, "
+                     f"untrained weights, temperature {k['temperature']:g} | {k['batch']} | {k['chars_per_sec']:,.0f} "
+                     "| | |")
+    lines += ["", "Job-reported: from after the plan (model config, prompts) to the manifest, including Ray start-up, "
+              "model load and XLA compilation; whole process: the command's wall time.", ""]
+    return lines
