@@ -113,17 +113,24 @@ def read_chunks(fh, size: int) -> Iterator[bytes]:
         yield chunk
 
 
-def decode_utf8(raw: Iterable[bytes], source: str) -> Iterator[str]:
-    """Strict incremental UTF-8 decoding with corpus.decode's checks and messages: NUL bytes in the first
-    BINARY_PROBE bytes mean binary (checked before any decoding, as there), a bad byte is named with its offset."""
-    chunks = iter(raw)
-    head: list[bytes] = []
+def _take_head(chunks: Iterator, size: int) -> list:
+    """The first chunks of `chunks` totalling at least `size` (all of them if shorter); the iterator goes on
+    from there."""
+    head = []
     seen = 0
     for chunk in chunks:
         head.append(chunk)
         seen += len(chunk)
-        if seen >= BINARY_PROBE:
+        if seen >= size:
             break
+    return head
+
+
+def decode_utf8(raw: Iterable[bytes], source: str) -> Iterator[str]:
+    """Strict incremental UTF-8 decoding with corpus.decode's checks and messages: NUL bytes in the first
+    BINARY_PROBE bytes mean binary (checked before any decoding, as there), a bad byte is named with its offset."""
+    chunks = iter(raw)
+    head = _take_head(chunks, BINARY_PROBE)
     if b"\x00" in b"".join(head)[:BINARY_PROBE]:
         raise BadFileError(f"corpus file {source} looks binary (NUL bytes); give plain UTF-8 text files "
                            "(or pass --skip-bad-files to leave such files out)")
@@ -228,13 +235,7 @@ def strip_gutenberg_stream(chunks: Iterable[str], head_chars: int) -> Iterator[s
     rest of the file is still consumed, so it is decoded (a bad byte after the footer is still an error, as in
     corpus.clean) and hashed."""
     chunks = iter(chunks)
-    head: list[str] = []
-    size = 0
-    for chunk in chunks:
-        head.append(chunk)
-        size += len(chunk)
-        if size >= head_chars:
-            break
+    head = _take_head(chunks, head_chars)
     text = "".join(head)
     start = corpus_lib._START.search(text)
     if start:

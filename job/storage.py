@@ -412,23 +412,32 @@ def read_text(url: str) -> str:
     return read_bytes(url).decode("utf-8")
 
 
-def _atomic_local_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
+@contextlib.contextmanager
+def _replacing(dst: str) -> Iterator[str]:
+    """A temporary path beside local file `dst`; when the block succeeds it replaces `dst` atomically (readers
+    see the old file or the complete new one), otherwise it is removed. The file gets the permissions a plain
+    `open(dst, "w")` would give it (mkstemp creates 0600)."""
+    directory = os.path.dirname(os.path.abspath(dst))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)  # atomic: readers see the old file or the complete new one
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _atomic_local_write(path: str, data: bytes) -> None:
+    with _replacing(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -571,17 +580,8 @@ def upload_dir(local_dir: str, url: str) -> list[str]:
 
 
 def _atomic_local_copy(src: str, dst: str) -> None:
-    directory = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _replacing(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def download_dir(url: str, local_dir: str) -> list[str]:
@@ -605,21 +605,9 @@ def download_dir(url: str, local_dir: str) -> list[str]:
                 _atomic_local_copy(local_path(src), dst)
             return [d for _, d in pairs]
         fs, _ = _fsspec(url)
-        tmps = []
-        try:
-            for _, dst in pairs:
-                os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dst)),
-                                           prefix=f".{os.path.basename(dst)}.", suffix=".tmp")
-                os.close(fd)
-                tmps.append(tmp)
+        with contextlib.ExitStack() as stack:
+            tmps = [stack.enter_context(_replacing(dst)) for _, dst in pairs]
             fs.get([_fsspec(s)[1] for s, _ in pairs], tmps)  # concurrent downloads into temporary names
-            for tmp, (_, dst) in zip(tmps, pairs, strict=True):
-                os.replace(tmp, dst)
-        finally:
-            for tmp in tmps:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
     return [d for _, d in pairs]
 
 
@@ -800,15 +788,6 @@ def download_file(url: str, local_file: str) -> None:
         if is_local(url):
             _atomic_local_copy(local_path(url), local_file)
             return
-        directory = os.path.dirname(os.path.abspath(local_file))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(local_file)}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            fs, path = _fsspec(url)
+        fs, path = _fsspec(url)
+        with _replacing(local_file) as tmp:
             fs.get_file(path, tmp)
-            os.replace(tmp, local_file)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise

@@ -109,6 +109,12 @@ def test_local_missing_file_is_user_error(tmp_path):
     assert missing in str(err.value)
 
 
+def _assert_usual_mode(path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask, oct(path.stat().st_mode)  # not mkstemp's 0600
+
+
 def test_local_listdir_upload_download(tmp_path):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
@@ -122,6 +128,9 @@ def test_local_listdir_upload_download(tmp_path):
     back = tmp_path / "back"
     storage.download_dir("file://" + str(dst), str(back))
     assert (back / "sub" / "b.bin").read_bytes() == b"b" and (back / "a.txt").read_text() == "a"
+    _assert_usual_mode(back / "a.txt")
+    storage.download_file(str(dst / "a.txt"), str(tmp_path / "one.txt"))
+    _assert_usual_mode(tmp_path / "one.txt")
     storage.delete(str(dst), recursive=True)
     assert not dst.exists()
 
@@ -191,6 +200,10 @@ def test_s3_listdir_upload_download(tmp_path, s3_prefix):
     for rel in ("assets/x.txt", "model.keras", "vocab.json"):
         assert (back / rel).read_bytes() == (src / rel).read_bytes()
     assert not [p for p in back.rglob("*.tmp")]
+    _assert_usual_mode(back / "model.keras")
+    storage.download_file(storage.join(dest, "vocab.json"), str(tmp_path / "vocab.json"))
+    assert (tmp_path / "vocab.json").read_bytes() == (src / "vocab.json").read_bytes()
+    _assert_usual_mode(tmp_path / "vocab.json")
     storage.delete(dest, recursive=True)
     assert storage.listdir(dest) == []
 
