@@ -131,6 +131,7 @@ def run_training(preset: str, corpus: str, seconds: float, workdir: Path) -> dic
 
 def run_generation(args, vocab_size: int, corpus: str, workdir: Path) -> dict[str, Any]:
     from bench import gen_bench, gen_job
+    from job.generate import CPU_BATCH
 
     print(f"\n== generation: tutorial loop ({args.tutorial_chars} chars)", flush=True)
     tut = gen_bench.tutorial_loop(vocab_size, args.tutorial_chars)
@@ -140,9 +141,9 @@ def run_generation(args, vocab_size: int, corpus: str, workdir: Path) -> dict[st
                                    args.gen_repeats, args.gen_temperature)
     for row in ours["rows"]:
         print(f"   batch {row['batch']:>5}: {row['chars_per_sec']:,.0f} chars/s", flush=True)
-    plain = gen_bench.sampler_rates(vocab_size, args.gen_units, [gen_job.CPU_BATCH], args.gen_length,
+    plain = gen_bench.sampler_rates(vocab_size, args.gen_units, [CPU_BATCH], args.gen_length,
                                     args.gen_repeats, args.gen_temperature, xla=False)
-    print(f"   batch {gen_job.CPU_BATCH:>5}, plain graph (--no-xla): {plain['rows'][0]['chars_per_sec']:,.0f} chars/s",
+    print(f"   batch {CPU_BATCH:>5}, plain graph (--no-xla): {plain['rows'][0]['chars_per_sec']:,.0f} chars/s",
           flush=True)
     result = {"tutorial": tut, "ours": ours, "plain": plain}
     if args.gen_job_samples:
@@ -321,8 +322,9 @@ def markdown(results: dict[str, Any]) -> str:
                       f"{'x'.join(map(str, ours['units']))} (`--gen-units`).", ""]
         if "job" in gen:
             from bench import gen_job
+            from job.generate import CPU_BATCH
 
-            kernel = [r for r in ours["rows"] if r["batch"] == gen_job.CPU_BATCH] + gen.get("plain", {}).get("rows", [])
+            kernel = [r for r in ours["rows"] if r["batch"] == CPU_BATCH] + gen.get("plain", {}).get("rows", [])
             lines += gen_job.markdown(gen["job"], kernel)
     lines += ["## Targets", "", "| target | measured | met? |", "|---|---:|:---:|"]
     if "target_loss" in a:

@@ -272,14 +272,15 @@ class ShardGenerator:
     def _generate(self, start: int, end: int) -> dict[int, np.ndarray]:
         plan, cfg = self.plan, self.plan.cfg
         rows: dict[int, np.ndarray] = {}
+        encoded = {i: self._prompt_ids(plan.prompts[i]) for i in range(start, end)}
         # Batches hold prompts of one length (the LSTM is primed in one call); order is fixed by ids.
         by_length: dict[int, list[int]] = {}
-        for i in range(start, end):
-            by_length.setdefault(len(self._prompt_ids(plan.prompts[i])), []).append(i)
+        for i, ids in encoded.items():
+            by_length.setdefault(len(ids), []).append(i)
         for _length, ids in sorted(by_length.items()):
             for b in range(0, len(ids), cfg.batch):
                 batch = ids[b : b + cfg.batch]
-                prompts = np.stack([self._prompt_ids(plan.prompts[i]) for i in batch])
+                prompts = np.stack([encoded[i] for i in batch])
                 out = self.sampler.generate(prompts, cfg.length, cfg.temperature, cfg.top_k, cfg.top_p,
                                             seed=cfg.seed, sample_ids=np.asarray(batch))
                 rows.update(zip(batch, out, strict=True))
@@ -307,18 +308,14 @@ def _run_in_process(plan: Plan, todo: list[int], progress) -> list[dict[str, Any
     with deferred_interrupts():  # Ctrl-C / SIGTERM stop between shards, never inside TensorFlow
         generator = ShardGenerator(plan)
         with ThreadPoolExecutor(2) as pool:  # shard i+1 generates while shard i is written
-            pending = [pool.submit(generator.run, index) for index in todo[:2]]
-            queue = todo[2:]
+            results = pool.map(generator.run, todo)
             try:
-                while pending:
-                    done.append(pending.pop(0).result())
-                    progress(done[-1])
+                for result in results:
+                    done.append(result)
+                    progress(result)
                     check_interrupt()
-                    if queue:
-                        pending.append(pool.submit(generator.run, queue.pop(0)))
             finally:
-                for future in pending:  # interrupted: finish what is running (whole shards only), start nothing
-                    future.cancel()
+                results.close()  # interrupted: cancels the shards not started; the running ones finish whole
     return done
 
 
