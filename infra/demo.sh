@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make demo`: a local S3 server and Ray head on 127.0.0.1, Alice uploaded, a short 2-worker training job,
-# an evaluation and a 2-worker generation job sent with `ray job submit`, results listed, the stack stopped.
+# `make demo`: a local S3 server and a 3-node Ray cluster on 127.0.0.1 (a head that runs no work + two 2-CPU
+# worker nodes), Alice uploaded, a short 2-worker training job (one worker per node), an evaluation and a
+# 2-worker generation job sent with `ray job submit`, results listed, the stack stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -20,15 +21,16 @@ if [ -z "$corpus" ]; then
 fi
 [ -s "$corpus" ] || { echo "error: CORPUS=$corpus does not exist or is empty" >&2; exit 2; }
 
-echo "== starting the local stack (moto S3 + Ray head on 127.0.0.1)"
-$PY -m infra.localstack start --state-dir "$STATE" --bucket "$BUCKET" --upload "$corpus" corpora/wonderland.txt
+echo "== starting the local stack (moto S3 + a Ray head and two worker nodes on 127.0.0.1)"
+$PY -m infra.localstack start --state-dir "$STATE" --bucket "$BUCKET" --upload "$corpus" corpora/wonderland.txt \
+  --worker-nodes 2 --num-cpus 2
 trap '$PY -m infra.localstack stop --state-dir "$STATE"' EXIT
 eval "$($PY -m infra.localstack env --state-dir "$STATE")"
 
-echo "== training: ray job submit (2 workers, default preset, a few minutes at most)"
+echo "== training: ray job submit (2 workers, one per node, default preset, a few minutes at most)"
 $RAY job submit --working-dir . -- python -m job.train \
   --corpus "s3://$BUCKET/corpora/wonderland.txt" --output "s3://$BUCKET/runs/demo" \
-  --num-workers 2 --epochs 30 --max-minutes 3 --run-name demo
+  --num-workers 2 --placement-strategy SPREAD --epochs 30 --max-minutes 3 --run-name demo
 
 echo "== held-out evaluation: ray job submit"
 $RAY job submit --working-dir . -- python -m job.evaluate \

@@ -5,6 +5,7 @@ the tests run the job exactly the same way: `ray job submit --working-dir .` aga
 jobs read and write a real S3 API over HTTP.
 
     python -m infra.localstack start  [--state-dir .stack] [--bucket NAME] [--upload FILE KEY] [--num-cpus N]
+                                      [--worker-nodes N]   # head with no CPUs + N nodes of --num-cpus each
     eval "$(python -m infra.localstack env)"      # RAY_ADDRESS, RAY_AUTH_*, AWS_* for `ray job submit`
     python -m infra.localstack status
     python -m infra.localstack stop               # idempotent
@@ -402,8 +403,30 @@ def _ray_logs_tail(temp_dir: str, lines: int = 30) -> str:
     return "\n".join(parts)
 
 
+def _ray_env(token_path: str | Path, gcs_port: int | str, extra_env: dict[str, str] | None,
+             multi_node: bool = True) -> dict[str, str]:
+    """The environment of every node of a local cluster (head and workers)."""
+    env = scrubbed_environ()
+    env.update(extra_env or {})
+    env.update(ray_auth_env(token_path))
+    # Job entrypoints say `python ...`: make that the venv's interpreter (the one with TensorFlow).
+    env["PATH"] = os.pathsep.join([str(venv_bin()), env.get("PATH", "/usr/bin:/bin")])
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Every process of the cluster (Ray Train's PlacementGroupCleaner among them) resolves "the cluster" from
+    # RAY_ADDRESS, else from /tmp/ray/ray_current_cluster, which the last `ray start` on the machine wrote
+    # (--temp-dir only moves where this head writes it, not where Ray's actors read it).
+    env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
+    # With multi-node support off, Ray keeps a single-node head on loopback (services.resolve_ip_for_localhost)
+    # but refuses every node that tries to join it ("Multi-node Ray clusters are not supported").
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1" if multi_node else "0"
+    # On SIGTERM, Ray 2.60 first drains the node for up to 30 s (for Serve); nothing to drain here.
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+    return env
+
+
 def start_ray_head(state_dir: Path, *, num_cpus: int = DEFAULT_NUM_CPUS,
-                   extra_env: dict[str, str] | None = None, timeout: float = 120.0) -> RayInfo:
+                   extra_env: dict[str, str] | None = None, timeout: float = 120.0,
+                   multi_node: bool = False) -> RayInfo:
     """Start `ray start --head --block` on 127.0.0.1 with every port chosen free; wait for the job API."""
     state_dir = state_dir.resolve()
     token_path = state_dir / TOKEN_FILE
@@ -436,21 +459,7 @@ def start_ray_head(state_dir: Path, *, num_cpus: int = DEFAULT_NUM_CPUS,
         "--num-cpus", str(num_cpus),
         "--disable-usage-stats",
     ]
-    env = scrubbed_environ()
-    env.update(extra_env or {})
-    env.update(ray_auth_env(token_path))
-    # Job entrypoints say `python ...`: make that the venv's interpreter (the one with TensorFlow).
-    env["PATH"] = os.pathsep.join([str(venv_bin()), env.get("PATH", "/usr/bin:/bin")])
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    # Every process of this head (Ray Train's PlacementGroupCleaner among them) resolves "the cluster" from
-    # RAY_ADDRESS, else from /tmp/ray/ray_current_cluster, which the last `ray start` on the machine wrote
-    # (--temp-dir only moves where this head writes it, not where Ray's actors read it).
-    env["RAY_ADDRESS"] = f"127.0.0.1:{ports['gcs']}"
-    # Ray replaces --node-ip-address 127.0.0.1 by the machine's routable IP unless multi-node support is
-    # off (services.resolve_ip_for_localhost); a single-node stack has no use for it, so stay on loopback.
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    # On SIGTERM, Ray 2.60 first drains the node for up to 30 s (for Serve); nothing to drain here.
-    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+    env = _ray_env(token_path, ports["gcs"], extra_env, multi_node)
     # Prometheus ports that `ray start` has no flag for (defaults 44217/44227 would clash between stacks).
     env["AUTOSCALER_METRIC_PORT"] = str(ports["autoscaler_metrics"])
     env["DASHBOARD_METRIC_PORT"] = str(ports["dashboard_metrics"])
@@ -500,6 +509,76 @@ def _wait_ray_ready(info: RayInfo, timeout: float) -> None:
             f"--- {info.proc.log} ---\n{log_tail(info.proc.log)}\n{_ray_logs_tail(info.temp_dir)}")
 
 
+@dataclass
+class RayNode:
+    """A worker node of a local cluster: `ray start --address <head> --block` in its own process group."""
+
+    name: str
+    node_id: str
+    proc: Proc
+
+    def kill(self) -> None:
+        """SIGKILL the whole node at once (raylet, agents, workers): a preempted machine, not a shutdown."""
+        pids = self.proc.members()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pgid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        _reap(self.proc.pid)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def alive_node_ids(info: RayInfo) -> set[str]:
+    """Node ids the head's state API reports ALIVE."""
+    status, body = _http_get(info.address + "/api/v0/nodes?limit=1000", info.auth_headers, timeout=10.0)
+    if status != 200:
+        raise StackError(f"state API /api/v0/nodes -> HTTP {status}: {body[:200]!r}")
+    rows = json.loads(body)["data"]["result"]["result"]
+    return {row["node_id"] for row in rows if row.get("state") == "ALIVE"}
+
+
+def start_ray_node(head: RayInfo, state_dir: Path, name: str, *, num_cpus: int = 1,
+                   extra_env: dict[str, str] | None = None, timeout: float = 120.0) -> RayNode:
+    """Join a worker node to `head` on 127.0.0.1 (every port its own) and wait until the head lists it ALIVE.
+
+    Start nodes one at a time: two joining together once both failed with "timed out during startup"."""
+    state_dir = state_dir.resolve()
+    before = alive_node_ids(head)
+    ports = {n: free_port() for n in ("node_manager", "object_manager", "dashboard_agent_http",
+                                      "dashboard_agent_grpc", "runtime_env_agent", "metrics_export")}
+    min_worker, max_worker = free_port_range(100)
+    argv = [
+        ray_executable(), "start", "--block", "--address", head.gcs_address,
+        "--node-ip-address", "127.0.0.1",
+        "--node-manager-port", str(ports["node_manager"]),
+        "--object-manager-port", str(ports["object_manager"]),
+        "--dashboard-agent-listen-port", str(ports["dashboard_agent_http"]),
+        "--dashboard-agent-grpc-port", str(ports["dashboard_agent_grpc"]),
+        "--runtime-env-agent-port", str(ports["runtime_env_agent"]),
+        "--metrics-export-port", str(ports["metrics_export"]),
+        "--min-worker-port", str(min_worker), "--max-worker-port", str(max_worker),
+        "--num-cpus", str(num_cpus),
+        "--disable-usage-stats",
+    ]
+    env = _ray_env(head.token_path, head.gcs_address.rsplit(":", 1)[1], extra_env)
+    proc = spawn(f"ray-node-{name}", argv, env, state_dir / f"ray-node-{name}.log")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code = _exited(proc)
+        if code is not None:
+            raise StackError(f"`ray start` of node {name} exited with code {code}:\n{log_tail(proc.log)}")
+        with contextlib.suppress(OSError, StackError):
+            new = alive_node_ids(head) - before
+            if new:
+                return RayNode(name=name, node_id=new.pop(), proc=proc)
+        time.sleep(0.25)
+    proc.stop()
+    raise StackError(f"Ray node {name} did not join within {timeout:.0f}s:\n{log_tail(proc.log)}")
+
+
 def stop_ray_head(info: RayInfo, *, keep_temp_dir: bool = False) -> None:
     info.proc.stop()
     if not keep_temp_dir and not os.environ.get("CHARLSTM_KEEP_RAY_LOGS"):
@@ -514,6 +593,7 @@ class Stack:
     state_dir: str
     s3: S3Info
     ray: RayInfo | None
+    nodes: list[RayNode] = field(default_factory=list)  # worker nodes beside the head (a multi-node cluster)
 
     def client_env(self) -> dict[str, str]:
         """Everything a client shell needs: the local S3 (AWS_*) and the Ray job API (RAY_*)."""
@@ -540,15 +620,20 @@ class Stack:
         ray = raw.get("ray")
         if ray is not None:
             ray = RayInfo(**{**ray, "proc": Proc(**ray["proc"])})
-        return cls(state_dir=raw["state_dir"], s3=s3, ray=ray)
+        nodes = [RayNode(**{**n, "proc": Proc(**n["proc"])}) for n in raw.get("nodes", [])]
+        return cls(state_dir=raw["state_dir"], s3=s3, ray=ray, nodes=nodes)
 
     def alive(self) -> dict[str, bool]:
         out = {"s3": self.s3.proc.alive()}
         if self.ray is not None:
             out["ray"] = self.ray.proc.alive()
+        for node in self.nodes:
+            out[f"ray-node-{node.name}"] = node.proc.alive()
         return out
 
     def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
         if self.ray is not None:
             stop_ray_head(self.ray)
         self.s3.proc.stop()
@@ -556,8 +641,11 @@ class Stack:
 
 def start(state_dir: str | Path = DEFAULT_STATE_DIR, *, bucket: str = DEFAULT_BUCKET,
           num_cpus: int = DEFAULT_NUM_CPUS, uploads: list[tuple[str, str]] | None = None,
-          with_ray: bool = True) -> Stack:
-    """Start S3 (+ bucket, + uploads) and a Ray head; record them in `<state_dir>/state.json`."""
+          with_ray: bool = True, worker_nodes: int = 0) -> Stack:
+    """Start S3 (+ bucket, + uploads) and a Ray head; record them in `<state_dir>/state.json`.
+
+    `worker_nodes` > 0: a multi-node cluster on this machine, a head that runs no work plus that many worker
+    nodes of `num_cpus` CPUs each (each its own process group, stoppable alone)."""
     state_dir = Path(state_dir).resolve()
     existing = Stack.load(state_dir)
     if existing is not None and any(existing.alive().values()):
@@ -571,8 +659,13 @@ def start(state_dir: str | Path = DEFAULT_STATE_DIR, *, bucket: str = DEFAULT_BU
             for local, key in uploads:
                 client.upload_file(str(local), bucket, key)
         if with_ray:
-            stack.ray = start_ray_head(state_dir, num_cpus=num_cpus, extra_env=s3.env)
+            stack.ray = start_ray_head(state_dir, num_cpus=0 if worker_nodes else num_cpus, extra_env=s3.env,
+                                       multi_node=worker_nodes > 0)
             stack.save()
+            for i in range(worker_nodes):  # one at a time: nodes joining together can time out
+                stack.nodes.append(start_ray_node(stack.ray, state_dir, f"w{i + 1}", num_cpus=num_cpus,
+                                                  extra_env=s3.env))
+                stack.save()
     except BaseException:
         stack.stop()
         (state_dir / STATE_FILE).unlink(missing_ok=True)
@@ -604,7 +697,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bucket", default=DEFAULT_BUCKET)
     parser.add_argument("--upload", nargs=2, action="append", metavar=("LOCALFILE", "KEY"), default=[],
                         help="upload LOCALFILE to s3://BUCKET/KEY after start (repeatable)")
-    parser.add_argument("--num-cpus", type=int, default=DEFAULT_NUM_CPUS)
+    parser.add_argument("--num-cpus", type=int, default=DEFAULT_NUM_CPUS,
+                        help="CPUs of the head, or of each worker node with --worker-nodes")
+    parser.add_argument("--worker-nodes", type=int, default=0,
+                        help="a multi-node cluster: a head with no CPUs plus this many worker nodes")
     args = parser.parse_args(argv)
 
     if args.command == "start":
@@ -614,14 +710,17 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         try:
             t0 = time.monotonic()
-            stack = start(args.state_dir, bucket=args.bucket, num_cpus=args.num_cpus, uploads=args.upload)
+            stack = start(args.state_dir, bucket=args.bucket, num_cpus=args.num_cpus, uploads=args.upload,
+                          worker_nodes=args.worker_nodes)
         except StackError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         detach()  # the stack outlives this command; `stop` ends it
         print(f"local S3   {stack.s3.endpoint}  bucket s3://{args.bucket}")
-        print(f"Ray head   {stack.ray.address}  (token auth, {args.num_cpus} CPUs, "
+        print(f"Ray head   {stack.ray.address}  (token auth, {0 if args.worker_nodes else args.num_cpus} CPUs, "
               f"logs {stack.ray.temp_dir})")
+        for node in stack.nodes:
+            print(f"Ray node   {node.name}  ({args.num_cpus} CPUs, node id {node.node_id[:12]}, pid {node.proc.pid})")
         print(f"ready in {time.monotonic() - t0:.1f}s; for a shell: eval \"$(python -m infra.localstack env"
               f" --state-dir {args.state_dir})\"")
         return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 from job.errors import UserError, install_sigterm_handler
 
@@ -65,19 +66,77 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_capacity(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
-    """Refuse at once when the cluster can never fit the workers (instead of waiting forever)."""
+def check_capacity(num_workers: int, cpus_per_worker: float, use_gpu: bool,
+                   wait_minutes: float | None = None) -> float:
+    """Minutes to wait for the cluster to fit the workers: 0 when it fits them now. A static cluster that cannot
+    is refused at once (instead of Ray Train waiting forever); one that can grow (an autoscaler runs, or
+    `wait_minutes` > 0) gets `wait_minutes` (default 15 with an autoscaler): see wait_for_capacity."""
+    short = _shortfall(num_workers, cpus_per_worker, use_gpu)
+    if short is None:
+        return 0.0
+    if wait_minutes is None:
+        wait_minutes = AUTOSCALER_WAIT_MINUTES if autoscaler_running() else 0.0
+    if wait_minutes <= 0:
+        fix = "lower --num-workers or add GPU nodes" if "GPUs" in short else \
+            "lower --num-workers / --cpus-per-worker or add nodes"
+        raise UserError(f"{short}; {fix} (or let it grow: --capacity-wait-minutes)")
+    return wait_minutes
+
+
+def wait_for_capacity(num_workers: int, cpus_per_worker: float, use_gpu: bool, wait_minutes: float,
+                      log=print, poll_seconds: float = 2.0) -> None:
+    """Ask the autoscaler for the workers' nodes and wait (bounded) until the cluster fits them."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    if wait_minutes <= 0:
+        return
+    short = _shortfall(num_workers, cpus_per_worker, use_gpu)
+    if short is None:
+        return
+    log(f"{short}: waiting up to {wait_minutes:g} min for the cluster to grow (--capacity-wait-minutes)")
+    bundle = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    request_resources(bundles=[bundle] * num_workers)  # what an autoscaler scales up for; no-op without one
+    deadline = time.monotonic() + wait_minutes * 60
+    while (short := _shortfall(num_workers, cpus_per_worker, use_gpu)) is not None:
+        if time.monotonic() > deadline:
+            raise UserError(f"{short} after waiting {wait_minutes:g} min for more nodes; check the autoscaler "
+                            "(its max replicas, node quotas) or lower --num-workers")
+        time.sleep(poll_seconds)
+    total = ray.cluster_resources()
+    log(f"the cluster has grown to {total.get('CPU', 0.0):g} CPUs and {total.get('GPU', 0.0):g} GPUs")
+
+
+AUTOSCALER_WAIT_MINUTES = 15.0
+
+
+def _shortfall(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> str | None:
+    """What the cluster lacks for the workers (its total resources, busy or not), or None."""
     import ray
 
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     if num_workers * cpus_per_worker > cpus:
-        raise UserError(
-            f"the Ray cluster has {cpus:g} CPUs but {num_workers} workers x {cpus_per_worker:g} CPUs were "
-            "asked for; lower --num-workers / --cpus-per-worker or add nodes"
-        )
+        return f"the Ray cluster has {cpus:g} CPUs but {num_workers} workers x {cpus_per_worker:g} CPUs were asked for"
     if use_gpu and num_workers > gpus:
-        raise UserError(
-            f"the Ray cluster has {gpus:g} GPUs but --use-gpu with {num_workers} workers needs one each; "
-            "lower --num-workers or add GPU nodes"
-        )
+        return f"the Ray cluster has {gpus:g} GPUs but --use-gpu with {num_workers} workers needs one each"
+    return None
+
+
+def autoscaler_running() -> bool:
+    """Whether this cluster can add nodes by itself. Ray's autoscaler (v1 monitor, as KubeRay's in-tree
+    autoscaler runs it) writes its status to the GCS key-value store on every update; autoscaler v2 sets
+    its own flag there. Neither exists on a fixed cluster."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        if _internal_kv_get(AUTOSCALING_STATUS_KEY):
+            return True
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        return bool(is_autoscaler_v2(fetch_from_server=True))
+    except Exception:  # noqa: BLE001 - no GCS answer: behave as on a fixed cluster (refuse, never hang)
+        return False
+
+
+AUTOSCALING_STATUS_KEY = "__autoscaling_status"  # ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS

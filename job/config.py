@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,9 +43,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_size=64, epochs=100, seq_len=50, learning_rate=6e-3, clip_norm=5.0, weight_decay=0.1,
         lr_decay=0.5, lr_patience=3, lr_anneal=0.3, embed_dim=64, select_by="val_loss",
     ),
+    # One modern data-centre GPU per worker (A100/H100 class): the default preset's recipe at the size the
+    # README's on-paper sizing gives for a GPU (~12.8M parameters; 256 x 100-char windows = 25,600 predicted
+    # characters per worker step keeps the cuDNN LSTM kernel busy). Meant for corpora of hundreds of MB and
+    # more, hence less dropout. cuDNN-eligible (tests/test_model.py); --precision mixed_bfloat16 is optional.
+    "gpu": dict(
+        input_mode="embedding", units=[1024, 1024], dropout=0.2, input_dropout=0.0, target="all", stateful=True,
+        batch_size=256, epochs=20, seq_len=100, learning_rate=2e-3, clip_norm=5.0, weight_decay=0.1,
+        lr_decay=0.5, lr_patience=2, lr_anneal=0.3, embed_dim=128, select_by="val_loss",
+        eval_every_steps=2000, checkpoint_every_steps=500,
+    ),
 }
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
@@ -96,8 +108,18 @@ class TrainConfig:
     eval_every_steps: int = 0
     # A progress line (step, loss, chars/s, ETA) at most this often; 0: none between evaluations.
     log_every_seconds: float = 30.0
-    # Distributed job (Ray Train).
+    # Distributed job (Ray Train). An elastic run (--num-workers MIN-MAX) trains on as many workers as the
+    # cluster has, between min_workers and num_workers; min_workers 0 means a fixed num_workers.
     num_workers: int = 1
+    min_workers: int = 0
+    # The batch of one optimizer step over all workers; 0: batch_size x num_workers. Fixed for the whole run:
+    # each worker trains global / (workers alive) windows, so the data order never depends on the worker count.
+    global_batch_size: int = 0
+    # When the cluster cannot fit the workers yet: minutes to wait for it to grow (None: 15 when an autoscaler
+    # runs, else refuse at once).
+    capacity_wait_minutes: float | None = None
+    # Ray placement group strategy for the workers: PACK fills nodes, SPREAD puts them on distinct nodes.
+    placement_strategy: str = "PACK"
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     run_name: str | None = None
@@ -116,6 +138,23 @@ class TrainConfig:
     def run(self) -> str:
         """The run's name: Ray's RunConfig name and the checkpoints/<name>/ folder resume looks in."""
         return self.run_name or "run"
+
+    @property
+    def elastic(self) -> bool:
+        return 0 < self.min_workers < self.num_workers
+
+    @property
+    def worker_counts(self) -> range:
+        """Every number of workers the run may train on."""
+        return range(self.min_workers if self.elastic else self.num_workers, self.num_workers + 1)
+
+    @property
+    def workers_text(self) -> str:
+        return f"{self.min_workers}-{self.num_workers}" if self.elastic else str(self.num_workers)
+
+    @property
+    def global_batch(self) -> int:
+        return self.global_batch_size or self.batch_size * self.num_workers
 
     @property
     def data_url(self) -> str:
@@ -145,6 +184,17 @@ class TrainConfig:
         _check(self.max_minutes is None or self.max_minutes > 0,
                f"--max-minutes must be > 0 (got {self.max_minutes})")
         _check(self.num_workers >= 1, f"--num-workers must be >= 1 (got {self.num_workers})")
+        _check(0 <= self.min_workers <= self.num_workers,
+               f"--num-workers MIN-MAX needs 1 <= MIN <= MAX (got {self.workers_text})")
+        _check(self.capacity_wait_minutes is None or self.capacity_wait_minutes >= 0,
+               f"--capacity-wait-minutes must be >= 0 (got {self.capacity_wait_minutes})")
+        _check(self.global_batch_size >= 0, f"--global-batch-size must be >= 0 (got {self.global_batch_size})")
+        uneven = [n for n in self.worker_counts if self.global_batch % n]
+        _check(not uneven, f"global batch {self.global_batch} cannot be split evenly over {uneven[0] if uneven else 0} "
+               f"workers (--num-workers {self.workers_text}); choose a --global-batch-size that every worker count "
+               f"in the range divides (e.g. {_lcm_multiple(self.global_batch, self.worker_counts)})")
+        _check(self.placement_strategy in PLACEMENTS,
+               f"--placement-strategy must be one of {', '.join(PLACEMENTS)} (got {self.placement_strategy!r})")
         _check(self.cpus_per_worker > 0, f"--cpus-per-worker must be > 0 (got {self.cpus_per_worker})")
         _check(self.max_failures >= 0, f"--max-failures must be >= 0 (got {self.max_failures})")
         _check(self.checkpoint_every_steps >= 0,
@@ -175,6 +225,24 @@ class TrainConfig:
         return self
 
 
+def _lcm_multiple(value: int, counts: range) -> int:
+    """The smallest multiple of lcm(counts) that is >= value: a global batch every count divides."""
+    step = math.lcm(*counts)
+    return max(step, -(-value // step) * step)
+
+
+def parse_workers(value: Any) -> tuple[int, int]:
+    """`N` -> (0, N): a fixed group; `MIN-MAX` -> (MIN, MAX): an elastic one."""
+    text = str(value).strip()
+    try:
+        low, high = (int(x) for x in text.split("-", 1)) if "-" in text[1:] else (0, int(text))
+    except ValueError:
+        raise UserError(f"--num-workers takes N or MIN-MAX, e.g. 2 or 1-4 (got {value!r})") from None
+    if "-" in text[1:] and not 1 <= low <= high:
+        raise UserError(f"--num-workers MIN-MAX needs 1 <= MIN <= MAX (got {text})")
+    return (low, high) if low < high else (0, high)
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
@@ -203,7 +271,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float,
                    help="Wall-clock budget; stops cleanly after the step that crosses it, keeping the best model.")
     p.add_argument("--seq-len", type=int, help="Window length in characters (default 100, as in the tutorial).")
-    p.add_argument("--batch-size", type=int, help="Per-worker batch size (global batch = this x workers).")
+    p.add_argument("--batch-size", type=int, help="Per-worker batch size (global batch = this x workers, "
+                   "unless --global-batch-size is given).")
     p.add_argument("--val-fraction", type=float,
                    help="Held-out fraction: the last part of the cleaned corpus (default 0.1).")
     p.add_argument("--keep-case", action="store_true", default=None,
@@ -211,7 +280,15 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="Random seed for weights, shuffling and dropout (default 0).")
     p.add_argument("--config", help="YAML or JSON file with any of these settings (flags win).")
     g = p.add_argument_group("distributed job (Ray Train)")
-    g.add_argument("--num-workers", type=int, help="Ray Train workers (default 1).")
+    g.add_argument("--num-workers", help="Ray Train workers: N, or MIN-MAX for an elastic run that trains on "
+                   "what the cluster has and grows back when nodes join (default 1).")
+    g.add_argument("--global-batch-size", type=int, help="Windows per optimizer step over all workers, fixed "
+                   "whatever the worker count (default: --batch-size x the largest worker count).")
+    g.add_argument("--capacity-wait-minutes", type=float,
+                   help="Minutes to wait for the cluster to grow to fit the workers (default: 15 when it runs an "
+                   "autoscaler, else 0: a cluster that cannot fit them is refused at once).")
+    g.add_argument("--placement-strategy", choices=PLACEMENTS,
+                   help="Where Ray puts the workers: PACK fills nodes (default), SPREAD one per node if it can.")
     g.add_argument("--use-gpu", action="store_true", default=None, help="One GPU per worker.")
     g.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default 1).")
     g.add_argument("--run-name", help="Run name (default: run): checkpoints go to <output>/checkpoints/<name>/; "
@@ -277,6 +354,8 @@ def load_train_config(argv: list[str] | None = None) -> TrainConfig:
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     merged: dict[str, Any] = {"preset": preset, **PRESETS[preset], **from_file, **flags}
+    if "num_workers" in merged:
+        merged["min_workers"], merged["num_workers"] = parse_workers(merged["num_workers"])
     try:
         cfg = TrainConfig(**merged)
     except TypeError as exc:

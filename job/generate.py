@@ -338,7 +338,9 @@ def _run_on_ray(plan: Plan, todo: list[int], progress) -> list[dict[str, Any]]:
     cfg = plan.cfg
     cluster.connect(cfg.num_workers or 1, cfg.cpus_per_worker)
     count = auto_workers(cfg, len(todo))
-    cluster.check_capacity(count, cfg.cpus_per_worker, cfg.use_gpu)
+    cluster.wait_for_capacity(count, cfg.cpus_per_worker, cfg.use_gpu,
+                              cluster.check_capacity(count, cfg.cpus_per_worker, cfg.use_gpu),
+                              log=lambda line: print(line, flush=True))
     actor_cls = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0,
                            max_concurrency=2)(ShardGenerator)
     threads = max(1, round(cfg.cpus_per_worker))

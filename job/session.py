@@ -64,9 +64,13 @@ def resume_mismatches(saved: dict, cfg: TrainConfig) -> list[str]:
     """`key saved -> new` for every setting that differs between a checkpoint's config and this run's."""
     new = cfg.to_dict()
     diffs = [f"{k} {saved.get(k)!r} -> {new[k]!r}" for k in RESUME_KEYS if k in saved and saved.get(k) != new[k]]
-    batch = int(saved.get("batch_size", 0)) * int(saved.get("num_workers", 1))
-    if batch and batch != cfg.batch_size * cfg.num_workers:
-        diffs.append(f"global batch {batch} -> {cfg.batch_size * cfg.num_workers} (batch_size x num_workers)")
+    # Another worker count is fine (each worker takes global / workers windows of the same plan and its
+    # streams' states); another global batch would change the data order.
+    batch = int(saved.get("global_batch_size") or 0) or \
+        int(saved.get("batch_size", 0)) * int(saved.get("num_workers", 1))
+    if batch and batch != cfg.global_batch:
+        diffs.append(f"global batch {batch} -> {cfg.global_batch} (pass --global-batch-size {batch} to resume "
+                     "on another number of workers)")
     return diffs
 
 

@@ -19,19 +19,25 @@ from job.errors import run_cli
 def preflight(cfg: TrainConfig) -> dict[str, Any]:
     """Before any training, in this order: --output must be writable (its bucket exists and answers these
     credentials, or its local folder can take files); a run resuming into --output must have its checkpoints'
-    settings; under Ray, the cluster must be able to fit the workers; then the prepared dataset must exist for
-    this corpus and these options (made here once, streaming the raw files; reused on resubmission and resume,
-    so workers never read raw text) and be long enough for one batch and the held-out protocol. A refusal at
-    any point leaves --output as it was."""
+    settings; under Ray, the cluster must be able to fit the workers (or be able to grow: job.cluster); then the
+    prepared dataset must exist for this corpus and these options (made here once, streaming the raw files;
+    reused on resubmission and resume, so workers never read raw text) and be long enough for one batch and the
+    held-out protocol; last, a growing cluster is waited for (bounded). A refusal before the dataset step
+    leaves --output as it was."""
     from job.session import refuse_mixed_runs
     from job.worker import ensure_dataset
 
     storage.check_writable(cfg.output)
     refuse_mixed_runs(cfg)
+    wait = 0.0
     if not cfg.in_process:
         cluster.connect(cfg.num_workers, cfg.cpus_per_worker)
-        cluster.check_capacity(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
-    return ensure_dataset(cfg, log=lambda line: print(line, flush=True))
+        wait = cluster.check_capacity(cfg.worker_counts[0], cfg.cpus_per_worker, cfg.use_gpu, cfg.capacity_wait_minutes)
+    meta = ensure_dataset(cfg, log=lambda line: print(line, flush=True))
+    # After the dataset: preparing a large corpus and an autoscaler bringing nodes up both take minutes.
+    cluster.wait_for_capacity(cfg.worker_counts[0], cfg.cpus_per_worker, cfg.use_gpu, wait,
+                              log=lambda line: print(line, flush=True))
+    return meta
 
 
 def launch_ray(cfg: TrainConfig) -> dict[str, Any]:
@@ -47,8 +53,9 @@ def launch_ray(cfg: TrainConfig) -> dict[str, Any]:
         train_func,
         backend_config=MirroredConfig(),
         train_loop_config={**cfg.to_dict(), "_in_ray": True},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=(cfg.min_workers, cfg.num_workers) if cfg.elastic else cfg.num_workers,
+            use_gpu=cfg.use_gpu, resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
             name=cfg.run,
             storage_path=path,

@@ -97,7 +97,7 @@ def ensure_dataset(cfg: TrainConfig, log=print) -> dict[str, Any]:
 
     def long_enough(meta: dict[str, Any]) -> None:
         plan = data.stream_plan if cfg.stateful else data.sliding_plan
-        plan(meta["train_chars"], cfg.seq_len, cfg.batch_size * cfg.num_workers, 0, cfg.seed)
+        plan(meta["train_chars"], cfg.seq_len, cfg.global_batch, 0, cfg.seed)
         data.heldout(np.zeros(0, np.uint8), meta["val_segments"], cfg.target, cfg.seq_len)
 
     return prepare.ensure(cfg.corpus, cfg.data_url, lowercase=not cfg.keep_case, val_fraction=cfg.val_fraction,
@@ -129,8 +129,13 @@ class Trainer:
         self.cfg = cfg
         self.session = session
         self.rank, self.world = session.rank, session.world_size
-        self.global_batch = cfg.batch_size * self.world
+        # Fixed for the run; the worker count may change between resumes (elastic runs), the global batch not.
+        self.global_batch = cfg.global_batch
+        if self.global_batch % self.world:
+            raise RuntimeError(f"global batch {self.global_batch} does not split over {self.world} workers")
+        self.per_worker = self.global_batch // self.world
         self.board: Board | None = None
+        self.states: list = []  # this worker's LSTM states (stateful presets), carried across steps
 
     # ---------------------------------------------------------------- set-up
     def _prepare_data(self) -> None:
@@ -167,11 +172,14 @@ class Trainer:
         self.model_lib = model_lib
 
     # ---------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self, directory: str) -> None:
+    def _save_checkpoint(self, directory: str, states: np.ndarray | None) -> None:
         np.savez(
             os.path.join(directory, "variables.npz"),
             **{f"m{i}": np.asarray(v.numpy()) for i, v in enumerate(self.model.variables)},
             **{f"o{i}": np.asarray(v.numpy()) for i, v in enumerate(self.optimizer.variables)},
+            # Mid-epoch, the stateful preset's LSTM states of all global_batch streams (rows in stream order):
+            # a resume on any number of workers continues each stream exactly where it was.
+            **({} if states is None else {"states": states}),
         )
         with open(os.path.join(directory, "progress.json"), "w") as f:
             json.dump({"progress": asdict(self.progress), "config": self.cfg.to_dict(),
@@ -188,6 +196,8 @@ class Trainer:
         for i, v in enumerate(self.optimizer.variables):
             v.assign(arrays[f"o{i}"])
         self.progress = Progress(**saved["progress"])
+        if "states" in arrays.files and self.progress.step_in_epoch:
+            self.states = self._split_states(arrays["states"][self.rank * self.per_worker:][:self.per_worker])
         if self.progress.learning_rate:
             self._set_learning_rate(self.progress.learning_rate)
 
@@ -267,7 +277,29 @@ class Trainer:
     def _zero_states(self):
         if not self.cfg.stateful:
             return []
-        return self.model_lib.zero_states(self.model, self.cfg.batch_size)
+        return self.model_lib.zero_states(self.model, self.per_worker)
+
+    def _split_states(self, rows: np.ndarray) -> list:
+        """[h0, c0, h1, c1, ...] from this worker's rows of the concatenated states."""
+        sizes = [int(s.shape[1]) for s in self._zero_states()]
+        return [self.tf.constant(part) for part in np.split(rows, np.cumsum(sizes)[:-1], axis=1)]
+
+    def _gathered_states(self) -> np.ndarray | None:
+        """Every worker's states, concatenated per stream and gathered in rank order (a collective: all
+        workers call it at the same step). None where there is nothing to carry (epoch start, stateless)."""
+        if not (self.cfg.stateful and self.states and self.progress.step_in_epoch):
+            return None
+        tf, strategy = self.tf, self.strategy
+        if not hasattr(self, "_gather"):
+            @tf.function
+            def gather(x):
+                def replica(v):
+                    return tf.distribute.get_replica_context().all_gather(tf.identity(v), axis=0)
+
+                return strategy.experimental_local_results(strategy.run(replica, (x,)))[0]
+
+            self._gather = gather
+        return self._gather(tf.concat(self.states, axis=1)).numpy()
 
     # ---------------------------------------------------------------- metrics
     def heldout_loss(self) -> float:
@@ -314,7 +346,7 @@ class Trainer:
             f"training {cfg.preset}: {len(self.train_ids):,} train chars, {self.heldout_chars:,} held-out "
             f"chars ({self.heldout.chars:,} scored per evaluation), "
             f"vocab {len(self.vocab)}, {self.world} worker(s), global batch {self.global_batch} "
-            f"({cfg.batch_size} per worker), {self.model.count_params():,} parameters"
+            f"({self.per_worker} per worker), {self.model.count_params():,} parameters"
         )
         budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         # The budget is for the whole run, resumes included; a larger --max-minutes continues a run that
@@ -336,7 +368,8 @@ class Trainer:
         while p.epoch < cfg.epochs and not p.stopped_early:
             plan = self.plan_fn(len(self.train_ids), cfg.seq_len, self.global_batch, p.epoch, cfg.seed)
             steps_total = len(plan)
-            states = self._zero_states()
+            if not (p.step_in_epoch and self.states):
+                self.states = self._zero_states()
             epoch_start = time.monotonic()
             chars_this_epoch = 0
             while p.step_in_epoch < steps_total:
@@ -347,7 +380,7 @@ class Trainer:
                 signal = self.tf.constant([over, p.elapsed_sec], dtype=self.tf.float32)
                 starts = data.shard(plan, self.rank, self.world, p.step_in_epoch, p.step_in_epoch + count)
                 windows = data.gather_windows(self.train_ids, starts, cfg.seq_len)
-                loss_sum, states, summed = self._steps(windows, states, signal, count)
+                loss_sum, self.states, summed = self._steps(windows, self.states, signal, count)
                 stop, agreed_elapsed = (float(x) for x in summed.numpy())
                 agreed_elapsed /= self.world
                 p.step_in_epoch += count
@@ -497,7 +530,8 @@ class Trainer:
     def _report(self, metrics: dict[str, Any]) -> None:
         # Events go up before the checkpoint: those past it are dropped on resume, but none up to it are missing.
         self.board.sync()
+        states = self._gathered_states()
         with tempfile.TemporaryDirectory(prefix="charlstm-ckpt-") as tmp:
             if self.rank == 0:
-                self._save_checkpoint(tmp)
+                self._save_checkpoint(tmp, states)
             self.session.report(metrics, tmp if self.rank == 0 else None)

@@ -238,3 +238,54 @@ def ray_cluster(state_dir: Path, s3: S3Server | None = None,
             cluster.stop_running_jobs()
         finally:
             localstack.stop_ray_head(info)
+
+
+@dataclass
+class MultiNodeCluster(RayCluster):
+    """A head that runs no work (--num-cpus 0) plus worker nodes, each its own process group on 127.0.0.1."""
+
+    state_dir: Path = Path(".")
+    node_env: dict[str, str] = field(default_factory=dict)
+    nodes: list[localstack.RayNode] = field(default_factory=list)
+
+    def add_node(self, num_cpus: int = 1) -> localstack.RayNode:
+        node = localstack.start_ray_node(self.info, self.state_dir, f"w{len(self.nodes) + 1}", num_cpus=num_cpus,
+                                         extra_env=self.node_env)
+        self.nodes.append(node)
+        return node
+
+    def alive_nodes(self) -> list[localstack.RayNode]:
+        alive = localstack.alive_node_ids(self.info)
+        return [n for n in self.nodes if n.node_id in alive and n.proc.alive()]
+
+    def ensure_nodes(self, count: int) -> list[localstack.RayNode]:
+        """Top the cluster up to `count` live worker nodes (a test before this one may have killed some)."""
+        while len(self.alive_nodes()) < count:
+            self.add_node()
+        return self.alive_nodes()
+
+    def worker_nodes_of_run(self, ignore: set[str]) -> list[str]:
+        """Node ids of the live Ray Train workers not in `ignore` (actor ids)."""
+        return [a["node_id"] for a in self.train_actors() if a["actor_id"] not in ignore
+                and a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"]
+
+
+@contextlib.contextmanager
+def multinode_cluster(state_dir: Path, s3: S3Server, workers: int = 2) -> Iterator[MultiNodeCluster]:
+    """A head (no CPUs: only the driver and Ray Train's controller live there) plus `workers` 1-CPU nodes.
+
+    The head detects a dead node after ~3 s of missed health checks (Ray's default is ~15 s)."""
+    fast = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+    info = localstack.start_ray_head(Path(state_dir), num_cpus=0, extra_env={**s3.env, **fast}, multi_node=True)
+    cluster = MultiNodeCluster(address=info.address, env={**s3.env, **info.client_env()}, info=info,
+                               state_dir=Path(state_dir), node_env=dict(s3.env))
+    try:
+        cluster.ensure_nodes(workers)
+        yield cluster
+    finally:
+        try:
+            cluster.stop_running_jobs()
+        finally:
+            for node in cluster.nodes:
+                node.stop()
+            localstack.stop_ray_head(info)

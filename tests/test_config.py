@@ -1,6 +1,7 @@
 """Flags, presets and config files."""
 
 import json
+import re
 
 import pytest
 
@@ -79,3 +80,65 @@ def test_config_file_errors(tmp_path):
 def test_every_preset_validates():
     for name in PRESETS:
         assert load_train_config(BASE + ["--preset", name]).preset == name
+
+
+@pytest.mark.parametrize(
+    "flags, counts, global_batch",
+    [
+        (["--num-workers", "2", "--batch-size", "4"], [2], 8),
+        (["--num-workers", "1-2", "--batch-size", "4"], [1, 2], 8),  # global = per-worker x the largest count
+        (["--num-workers", "2-4", "--global-batch-size", "24"], [2, 3, 4], 24),
+        (["--num-workers", "3-3", "--batch-size", "4"], [3], 12),  # a one-count range is a fixed group
+    ],
+)
+def test_worker_ranges_and_the_global_batch(flags, counts, global_batch):
+    cfg = load_train_config(BASE + flags)
+    assert list(cfg.worker_counts) == counts and cfg.global_batch == global_batch
+    assert cfg.elastic == (len(counts) > 1)
+
+
+def test_elastic_range_from_a_config_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("num_workers: 1-4\nglobal_batch_size: 12\n")
+    cfg = load_train_config(BASE + ["--config", str(path)])
+    assert (cfg.min_workers, cfg.num_workers, cfg.global_batch) == (1, 4, 12)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-workers", "1-3", "--global-batch-size", "8"],
+         r"global batch 8 cannot be split evenly over 3 workers \(--num-workers 1-3\).*\(e\.g\. 12\)"),
+        (["--num-workers", "2-4", "--batch-size", "5"], r"global batch 20 cannot be split evenly over 3 workers"),
+        (["--num-workers", "0-2"], r"needs 1 <= MIN <= MAX \(got 0-2\)"),
+        (["--num-workers", "3-2"], r"needs 1 <= MIN <= MAX \(got 3-2\)"),
+        (["--num-workers", "two"], r"takes N or MIN-MAX"),
+        (["--placement-strategy", "RANDOM"], r"invalid choice"),
+    ],
+)
+def test_worker_ranges_that_cannot_work_are_refused_with_one_line(flags, message, capsys):
+    try:
+        load_train_config(BASE + flags)
+    except SystemExit:  # argparse's own refusal (choices)
+        assert re.search(message, capsys.readouterr().err)
+        return
+    except UserError as exc:
+        assert re.search(message, str(exc)) and "\n" not in str(exc)
+        return
+    raise AssertionError(f"{flags} was accepted")
+
+
+def test_a_resume_may_change_the_worker_count_but_not_the_global_batch():
+    from job.session import resume_mismatches
+
+    saved = load_train_config(BASE + ["--num-workers", "2", "--batch-size", "4"]).to_dict()
+    same = load_train_config(BASE + ["--num-workers", "1", "--global-batch-size", "8"])
+    assert resume_mismatches(saved, same) == []
+    elastic = load_train_config(BASE + ["--num-workers", "1-2", "--global-batch-size", "8"])
+    assert resume_mismatches(saved, elastic) == []
+    other = load_train_config(BASE + ["--num-workers", "1", "--batch-size", "4"])
+    assert resume_mismatches(saved, other) == ["global batch 8 -> 4 (pass --global-batch-size 8 to resume on "
+                                               "another number of workers)"]
+    # Checkpoints written before --global-batch-size existed carry batch_size x num_workers only.
+    old = {k: v for k, v in saved.items() if k not in ("global_batch_size", "min_workers")}
+    assert resume_mismatches(old, same) == []

@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
-FROM_RE = re.compile(r"^rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d+)-(?P<flavour>gpu|cu\d+)"
+FROM_RE = re.compile(r"^rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d+)-(?P<flavour>cpu|gpu|cu\d+)"
                      r"(@sha256:[0-9a-f]{64})?$")
 
 
@@ -86,11 +86,23 @@ def test_no_rule_is_silenced_without_a_reason():
 def test_base_image_matches_installed_ray_and_python():
     (base,) = args_of("FROM")  # one stage
     m = FROM_RE.match(base)
-    assert m, f"FROM {base!r} is not a pinned official rayproject/ray GPU tag"
+    assert m, f"FROM {base!r} is not a pinned official rayproject/ray tag"
     assert m["ray"] == importlib.metadata.version("ray")
     # The image's Python is one the project supports (CI tests on 3.11, the image's; 3.12 and 3.13 also work).
     spec = re.search(r'requires-python\s*=\s*">=3\.(\d+),<3\.(\d+)"', (REPO / "pyproject.toml").read_text())
     assert spec and int(spec[1]) <= int(m["py"][1:]) < int(spec[2]) and m["py"] == "311"
+
+
+def test_one_cuda_stack_tensorflows_own():
+    """TensorFlow's pip CUDA wheels (the gpu extra) on Ray's Ubuntu image: a Ray "-gpu"/"-cuXXX" base would add
+    a second CUDA toolkit and cuDNN beside them."""
+    (base,) = args_of("FROM")
+    assert FROM_RE.match(base)["flavour"] == "cpu", base
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(re.match(r"tensorflow\[and-cuda\]", dep) for dep in extras["gpu"]), extras["gpu"]
+    assert any("NVIDIA_DRIVER_CAPABILITIES=compute" in a for a in args_of("ENV")), "the driver must be mounted"
 
 
 def test_image_installs_the_project_with_the_gpu_extra():

@@ -328,9 +328,10 @@ def test_kuberay_semantic_rules(rendered, which):
     if spec.get("suspend"):
         assert spec["shutdownAfterJobFinishes"], "a suspended RayJob needs shutdownAfterJobFinishes"
     cluster = spec["rayClusterSpec"]
-    assert cluster.get("enableInTreeAutoscaling") is not True
     for group in cluster["workerGroupSpecs"]:
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        if not cluster.get("enableInTreeAutoscaling"):
+            assert group["replicas"] >= 1, "without the autoscaler a group keeps its replicas: none would never run"
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         assert group.get("template", {}).get("spec", {}).get("containers"), "each group needs a container"
         assert "labels" not in group.get("rayStartParams", {})
@@ -360,7 +361,10 @@ def test_gpu_worker_group(rendered, which):
     cluster = job["spec"]["rayClusterSpec"]
     args = shlex.split(job["spec"]["entrypoint"])
     assert "--use-gpu" in args
-    num_workers = int(args[args.index("--num-workers") + 1])
+    from job.config import parse_workers
+
+    num_workers = parse_workers(args[args.index("--num-workers") + 1])[1]  # N, or MAX of MIN-MAX
+    autoscaled = cluster.get("enableInTreeAutoscaling") is True
     gpus = 0
     for group in cluster["workerGroupSpecs"]:
         spec = group["template"]["spec"]
@@ -372,7 +376,7 @@ def test_gpu_worker_group(rendered, which):
         assert any(t.get("key") == "nvidia.com/gpu" and t.get("effect") == "NoSchedule"
                    and t.get("operator") in ("Exists", "Equal") for t in spec.get("tolerations", []))
         assert spec.get("nodeSelector"), "GPU workers need a nodeSelector for the GPU node pool"
-        gpus += int(res["limits"]["nvidia.com/gpu"]) * group["replicas"]
+        gpus += int(res["limits"]["nvidia.com/gpu"]) * group["maxReplicas" if autoscaled else "replicas"]
     # One GPU per Ray Train / generation worker.
     assert gpus >= num_workers
     head = cluster["headGroupSpec"]["template"]["spec"]
@@ -542,8 +546,13 @@ def test_train_entrypoint_flags_are_accepted_by_the_cli(rendered):
         pytest.fail(f"python -m job.train rejects the RayJob's settings: {exc}")
     assert cfg.use_gpu is True
     assert cfg.corpus.startswith("s3://") and cfg.output.startswith("s3://")
-    workers = rayjob(rendered, "train")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    assert cfg.num_workers == sum(g["replicas"] for g in workers)
+    cluster = rayjob(rendered, "train")["spec"]["rayClusterSpec"]
+    workers = cluster["workerGroupSpecs"]
+    # The GPU preset, elastic over what the autoscaled group can hold: one worker per pod, from one pod up.
+    assert cfg.preset == "gpu" and cfg.elastic and cfg.placement_strategy == "SPREAD"
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cfg.num_workers == sum(g["maxReplicas"] for g in workers) and cfg.min_workers >= 1
+    assert sum(g["minReplicas"] for g in workers) == 0, "GPU pods only while the job asks for them"
 
 
 def test_generate_entrypoint_flags_are_accepted_by_the_cli(rendered):
@@ -605,3 +614,17 @@ def test_no_literal_credentials_in_deployment_files():
     assert any(p.suffix == ".yaml" for p in files) and any(p.suffix == ".py" for p in files)
     found = {str(p.relative_to(REPO)): hits for p in files if (hits := find_credentials(p.read_text()))}
     assert not found, f"credential-like strings: {found}"
+
+
+def test_every_container_pulls_the_tag_again_or_is_pinned_by_digest(rendered):
+    """A re-pushed tag must not leave some pods on stale code: pull always, or pin the image's digest."""
+    (image,) = kustomization()["images"]
+    pinned = "digest" in image
+    assert pinned or image.get("newTag") not in (None, "latest"), image
+    for job in by_kind(rendered, "RayJob"):
+        for role, template in pod_templates(job).items():
+            for c in containers(template):
+                assert pinned or c.get("imagePullPolicy") == "Always", (job["metadata"]["name"], role, c["name"])
+        options = job["spec"]["rayClusterSpec"].get("autoscalerOptions")
+        if options:
+            assert pinned or options.get("imagePullPolicy") == "Always"

@@ -76,17 +76,22 @@ def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_cli_start_env_status_stop(tmp_path):
-    """The CLI `make demo` uses: start, env (shell exports), status, stop (exactly ours; idempotent)."""
+@pytest.mark.parametrize("worker_nodes", [0, 1])
+def test_cli_start_env_status_stop(tmp_path, worker_nodes):
+    """The CLI `make demo` uses: start, env (shell exports), status, stop (exactly ours; idempotent); as one
+    Ray node, or as a head with no CPUs plus worker nodes (what the demo starts)."""
     state = str(tmp_path / "stack")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("alice was beginning\n")
     started = _cli("start", "--state-dir", state, "--bucket", "demo-bucket", "--num-cpus", "1",
-                   "--upload", str(corpus), "corpus/alice.txt")
+                   "--upload", str(corpus), "corpus/alice.txt", "--worker-nodes", str(worker_nodes))
     try:
         assert started.returncode == 0, started.stderr
         stack = localstack.Stack.load(state)
         assert stack is not None and all(stack.alive().values())
+        assert len(stack.nodes) == worker_nodes
+        assert {n.node_id for n in stack.nodes} <= localstack.alive_node_ids(stack.ray)
+        assert len(localstack.alive_node_ids(stack.ray)) == 1 + worker_nodes
         env = _cli("env", "--state-dir", state)
         assert env.returncode == 0
         exports = dict(line.removeprefix("export ").split("=", 1) for line in env.stdout.splitlines())
@@ -102,11 +107,14 @@ def test_cli_start_env_status_stop(tmp_path):
         assert again.returncode != 0 and "already running" in again.stderr
         assert _cli("status", "--state-dir", state).returncode == 0
         members = {**stack.s3.proc.members(), **stack.ray.proc.members()}
+        for node in stack.nodes:
+            members.update(node.proc.members())
         assert len(members) > 3
     finally:
         stopped = _cli("stop", "--state-dir", state)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not stack.s3.proc.members() and not stack.ray.proc.members()
+    assert not any(node.proc.members() for node in stack.nodes)
     assert not any(localstack._stat(pid) and localstack._stat(pid).state != "Z"
                    and localstack._stat(pid).start_time == t for pid, t in members.items())
     assert not os.path.exists(stack.ray.temp_dir)

@@ -73,10 +73,10 @@ def test_a_run_logs_losses_rates_samples_and_its_config(tiny_corpus, tmp_path, m
     cfg = make_cfg(tiny_corpus, out, eval_every_steps=10)
     at_checkpoints, save = [], Trainer._save_checkpoint
 
-    def spy(trainer, directory):
+    def spy(trainer, directory, states):
         logged = [step for rows in read_events(folder).values() for step, *_ in rows]
         at_checkpoints.append((trainer.progress.global_step, max(logged)))
-        save(trainer, directory)
+        save(trainer, directory, states)
 
     monkeypatch.setattr(Trainer, "_save_checkpoint", spy)
     final = train_func(cfg.to_dict())

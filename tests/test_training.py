@@ -92,6 +92,27 @@ def test_resume_ends_as_if_uninterrupted(tiny_corpus, tmp_path):
         assert json.loads(la)["val_loss"] == pytest.approx(json.loads(lb)["val_loss"], rel=1e-5)
 
 
+def test_mid_epoch_resume_continues_every_stream_exactly(tiny_corpus, tmp_path):
+    """A resume from a step checkpoint inside an epoch carries the stateful preset's LSTM states (saved with
+    the checkpoint): the run ends as if it had never stopped. (Zeroed states would change every later loss.)"""
+    import shutil
+
+    settings = dict(epochs=2, lr_anneal=0.0, checkpoint_every_steps=10, checkpoints_to_keep=100)
+    straight = train_func(make_cfg("default", tiny_corpus, tmp_path / "a", **settings).to_dict())
+    runs = tmp_path / "a" / "checkpoints" / "run"
+    mid = [d for d in sorted(runs.glob("checkpoint_*"))
+           if 0 < json.loads((d / "progress.json").read_text())["progress"]["step_in_epoch"]]
+    assert mid and "states" in np.load(mid[0] / "variables.npz").files
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for later in (tmp_path / "b" / "checkpoints" / "run").glob("checkpoint_*"):
+        if later.name > mid[0].name:
+            shutil.rmtree(later)
+    resumed = train_func(make_cfg("default", tiny_corpus, tmp_path / "b", **settings).to_dict())
+    assert resumed["global_step"] == straight["global_step"]
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-5)
+    assert resumed["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-5)
+
+
 def test_time_budget_stops_cleanly_and_keeps_the_model(tiny_corpus, tmp_path):
     cfg = make_cfg("default", tiny_corpus, tmp_path / "out", epochs=50, max_minutes=1e-6)
     final = train_func(cfg.to_dict())

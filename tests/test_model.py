@@ -1,0 +1,37 @@
+"""Every LSTM of the presets meant for GPUs is one Keras runs with the cuDNN kernel."""
+
+import pytest
+
+from job.config import PRESETS, TrainConfig
+
+
+@pytest.mark.parametrize("preset", ["default", "gpu"])
+def test_gpu_presets_build_cudnn_eligible_lstms(preset):
+    import keras
+    from keras.src.backend.tensorflow.rnn import _do_lstm_arguments_support_cudnn
+
+    from job import model
+
+    cfg = TrainConfig(**{**PRESETS[preset], "preset": preset, "output": "unused"}).validate()
+    built = model.build(cfg, vocab_size=100)
+    layers = model.lstm_layers(built)
+    assert [layer.units for layer in layers] == cfg.units
+    for layer in layers:
+        # What keras.layers.LSTM.inner_loop checks before it calls the cuDNN kernel (Keras 3, TF backend).
+        assert layer.use_cudnn in ("auto", True) and layer.recurrent_dropout == 0.0, layer.name
+        assert _do_lstm_arguments_support_cudnn(layer.activation, layer.recurrent_activation, layer.unroll,
+                                                layer.use_bias), layer.name
+        assert isinstance(layer, keras.layers.LSTM) and not layer.go_backwards
+    if preset == "gpu":
+        assert built.count_params() > 10_000_000 and cfg.batch_size * cfg.seq_len >= 25_600
+
+
+def test_a_recurrent_dropout_would_fail_the_check():
+    """The check above can fail: an LSTM with recurrent dropout or another activation is not cuDNN's."""
+    import keras
+    from keras.src.backend.tensorflow.rnn import _do_lstm_arguments_support_cudnn
+
+    relu = keras.layers.LSTM(8, activation="relu")
+    assert not _do_lstm_arguments_support_cudnn(relu.activation, relu.recurrent_activation, relu.unroll,
+                                                relu.use_bias)
+    assert keras.layers.LSTM(8, recurrent_dropout=0.1).recurrent_dropout != 0.0

@@ -1,0 +1,193 @@
+"""A real multi-node Ray cluster on one machine: a head with no CPUs and 1-CPU worker nodes, each node its own
+process group, jobs sent with `ray job submit`, corpus and checkpoints on the local S3 server (no filesystem
+is shared between the nodes' workers: every resume reads S3).
+
+A whole node is SIGKILLed (raylet, agents and the Ray Train worker on it, as a preempted machine disappears)
+between two step checkpoints:
+- fixed `--num-workers 2`: a replacement node joins, the group restarts on it, the run finishes;
+- elastic `--num-workers 1-2`: the run goes on with the surviving worker without waiting, at the same global
+  batch, and its losses equal those of a run that never lost a node.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import e2e_helpers
+import pytest
+import textgen
+import yaml
+
+from job.config import PRESETS, TrainConfig
+
+pytestmark = pytest.mark.e2e
+
+# Tiny and dropout-free, so that runs on 1 and 2 workers are comparable step by step.
+TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20,
+        "steps_per_call": 2, "dropout": 0.0, "input_dropout": 0.0}
+INTERVAL = 10  # --checkpoint-every-steps
+EPOCHS = 2
+# Ray Train waits this long for a worker group it believes fits (the AutoscalingCoordinator still counts the
+# dead node's CPU for a moment) before retrying with what is left; its default, 60 s, only slows the test.
+START_TIMEOUT = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server, tmp_path_factory):
+    with e2e_helpers.multinode_cluster(tmp_path_factory.mktemp("multinode"), s3_server, workers=2) as c:
+        yield c
+
+
+@pytest.fixture
+def inputs(s3_server, s3_prefix):
+    base = s3_prefix.split("/", 3)[3]
+    client = s3_server.client()
+    client.put_object(Bucket=s3_server.bucket, Key=f"{base}/corpus.txt", Body=textgen.book(12000, seed=5).encode())
+    client.put_object(Bucket=s3_server.bucket, Key=f"{base}/tiny.yaml", Body=yaml.safe_dump(TINY).encode())
+    return s3_server.url(f"{base}/corpus.txt"), s3_server.url(f"{base}/tiny.yaml"), f"{s3_prefix}/run"
+
+
+def _metrics(out: str) -> list[dict]:
+    from job import storage
+
+    return [json.loads(x) for x in storage.read_text(storage.join(out, "metrics.jsonl")).splitlines()]
+
+
+def _newest_step(out: str, run: str) -> int:
+    from job import session
+
+    found = session.complete_checkpoints(f"{out}/checkpoints/{run}")
+    return found[-1][0] if found else -1
+
+
+def _run_until_checkpoint_then_kill(cluster, args: list[str], out: str, run: str):
+    """Start the job, check its two workers were spread over the two nodes, SIGKILL the node of one of them
+    once a mid-epoch step checkpoint is in S3 and before the next. Returns (submission, newest step at kill)."""
+    before = {a["actor_id"] for a in cluster.train_actors()}
+    job = cluster.start(args, env=START_TIMEOUT)
+    deadline = time.monotonic() + 240
+    while _newest_step(out, run) < 2 * INTERVAL:
+        assert job.proc.poll() is None, job.wait(10).describe()
+        assert time.monotonic() < deadline, "no step checkpoint within 240 s"
+        time.sleep(0.2)
+    placed = cluster.worker_nodes_of_run(before)
+    alive = {n.node_id: n for n in cluster.alive_nodes()}
+    # One worker per node: Ray's state API places each worker on a different node, both ours.
+    assert len(placed) == 2 and set(placed) == set(alive), (placed, list(alive))
+    at_kill = _newest_step(out, run)
+    alive[placed[-1]].kill()
+    return job, at_kill
+
+
+def _resumes(logs: str) -> list[tuple[int, int, int]]:
+    found = re.findall(r"resumed from checkpoint: epoch (\d+), step (\d+) of the next epoch, global step (\d+)", logs)
+    return sorted({tuple(int(x) for x in m) for m in found})  # every node's copy of the shared log: once each
+
+
+def test_fixed_size_run_survives_a_lost_node_once_a_replacement_joins(cluster, inputs):
+    corpus, config, out = inputs
+    cluster.ensure_nodes(2)
+    args = ["python", "-m", "job.train", "--corpus", corpus, "--output", out, "--config", config,
+            "--num-workers", "2", "--placement-strategy", "SPREAD", "--epochs", str(EPOCHS), "--run-name", "fixed",
+            "--checkpoint-every-steps", str(INTERVAL), "--max-failures", "5"]
+    job, at_kill = _run_until_checkpoint_then_kill(cluster, args, out, "fixed")
+    time.sleep(3)
+    cluster.add_node()  # the replacement a cloud autoscaler would bring
+    result = job.wait(420)
+    assert result.ok, result.describe()
+    resumes = _resumes(result.logs)
+    assert resumes, result.logs[-3000:]
+    # From the newest checkpoint complete at the kill (or one written in the instant after): under one interval.
+    step = resumes[0][2]
+    assert step >= at_kill and step % INTERVAL == 0, (resumes, at_kill)
+    assert [m["epoch"] for m in _metrics(out)] == list(range(1, EPOCHS + 1))
+    final = json.loads(next(x for x in result.logs.splitlines() if x.startswith('{"final"')))["final"]
+    assert final["workers"] == 2 and final["global_batch"] == 8
+
+
+def test_elastic_run_continues_on_the_surviving_node_with_the_same_losses(cluster, inputs, tmp_path):
+    corpus, config, out = inputs
+    cluster.ensure_nodes(2)
+    args = ["python", "-m", "job.train", "--corpus", corpus, "--output", out, "--config", config,
+            "--num-workers", "1-2", "--placement-strategy", "SPREAD", "--epochs", str(EPOCHS), "--run-name", "el",
+            "--checkpoint-every-steps", str(INTERVAL), "--seed", "3"]
+    job, at_kill = _run_until_checkpoint_then_kill(cluster, args, out, "el")
+    result = job.wait(420)  # no replacement: the run must not wait for one
+    assert result.ok, result.describe()
+    assert "2 worker(s), global batch 8 (4 per worker)" in result.logs
+    assert "1 worker(s), global batch 8 (8 per worker)" in result.logs, result.logs[-3000:]
+    step = _resumes(result.logs)[0][2]
+    assert step >= at_kill and step % INTERVAL == 0
+    final = json.loads(next(x for x in result.logs.splitlines() if x.startswith('{"final"')))["final"]
+    assert final["workers"] == 1 and final["global_batch"] == 8
+
+    # The same run on one worker at the same global batch, never interrupted: the same losses.
+    from job.worker import train_func
+
+    reference = tmp_path / "reference"
+    train_func(TrainConfig(**{**PRESETS["default"], **TINY, "preset": "default", "corpus": corpus,
+                              "output": str(reference), "epochs": EPOCHS, "seed": 3, "batch_size": 8,
+                              "in_process": True}).to_dict())
+    expected = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    got = _metrics(out)
+    assert [m["epoch"] for m in got] == list(range(1, EPOCHS + 1))
+    for lost, ref in zip(got, expected, strict=True):
+        assert lost["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-4)
+        assert lost["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4)
+
+    # Resubmitting with another worker count: refused (one line, nothing written) unless the global batch stays,
+    # then the run continues exactly on that rule.
+    base = [sys.executable, "-m", "job.train", "--corpus", corpus, "--output", out, "--config", config,
+            "--run-name", "el", "--seed", "3", "--epochs", str(EPOCHS + 1), "--in-process", "--num-workers", "1"]
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {out} already holds run 'el' (checkpoint at global step {final['global_step']}) made with other "
+        "settings: global batch 8 -> 4 (pass --global-batch-size 8 to resume on another number of workers); "
+        "resume with the same settings, or start a new run with another --run-name or --output"]
+    assert [m["epoch"] for m in _metrics(out)] == list(range(1, EPOCHS + 1))
+    continued = subprocess.run([*base, "--global-batch-size", "8"], capture_output=True, text=True, timeout=300)
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert f"resumed from checkpoint: epoch {EPOCHS}, step 0" in continued.stdout
+    assert [m["epoch"] for m in _metrics(out)] == list(range(1, EPOCHS + 2))
+
+
+def _set_autoscaling_status(cluster, value: str | None) -> None:
+    """Write (or delete) the status record Ray's autoscaler keeps in the GCS key-value store, as a cluster with
+    an autoscaler (KubeRay enableInTreeAutoscaling) has it. No autoscaler can run here; nodes are added by hand."""
+    code = ("import sys, ray\nfrom ray.experimental import internal_kv as kv\n"
+            "ray.init(address=sys.argv[1], log_to_driver=False)\n"
+            "kv._internal_kv_del('__autoscaling_status') if sys.argv[2] == '-' else "
+            "kv._internal_kv_put('__autoscaling_status', sys.argv[2], overwrite=True)\n")
+    env = {**cluster.cli_env(), "RAY_ADDRESS": cluster.info.gcs_address}
+    done = subprocess.run([sys.executable, "-c", code, cluster.info.gcs_address, value or "-"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_cluster_with_an_autoscaler_is_waited_for_instead_of_refused(cluster, inputs):
+    corpus, config, out = inputs
+    cluster.ensure_nodes(2)
+    args = ["python", "-m", "job.train", "--corpus", corpus, "--output", out, "--config", config,
+            "--num-workers", "3", "--epochs", "1", "--run-name", "grow"]
+    _set_autoscaling_status(cluster, '{"load_metrics_report": {}}')
+    try:
+        job = cluster.start(args)
+        deadline = time.monotonic() + 180
+        while "waiting up to 15 min for the cluster to grow" not in cluster.job_logs(job.job_id):
+            assert job.proc.poll() is None, job.wait(10).describe()
+            assert time.monotonic() < deadline, cluster.job_logs(job.job_id)[-3000:]
+            time.sleep(0.5)
+        cluster.add_node()  # what the autoscaler would do
+        result = job.wait(300)
+    finally:
+        _set_autoscaling_status(cluster, None)
+    assert result.ok, result.describe()
+    assert "the Ray cluster has 2 CPUs but 3 workers x 1 CPUs were asked for: waiting up to 15 min" in result.logs
+    assert "the cluster has grown to 3 CPUs" in result.logs
+    final = json.loads(next(x for x in result.logs.splitlines() if x.startswith('{"final"')))["final"]
+    assert final["workers"] == 3 and final["epoch"] == 1
