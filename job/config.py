@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +62,8 @@ PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 @dataclass
 class TrainConfig:
-    """Everything one training run needs; passed unchanged to every Ray worker."""
+    """Everything one training run needs; passed unchanged to every Ray worker. The defaults are the `default`
+    preset's (tests/test_config.py holds them equal); a preset overrides some of them."""
 
     corpus: str = DEFAULT_CORPUS_URL
     output: str = ""
@@ -75,23 +77,23 @@ class TrainConfig:
     input_mode: str = "embedding"
     embed_dim: int = 64
     units: list[int] = field(default_factory=lambda: [192, 192])
-    dropout: float = 0.4
+    dropout: float = 0.6
     target: str = "all"
     stateful: bool = True
     batch_size: int = 64
-    epochs: int = 50
-    seq_len: int = 100
-    learning_rate: float = 5e-3
+    epochs: int = 100
+    seq_len: int = 50
+    learning_rate: float = 6e-3
     clip_norm: float = 5.0
     select_by: str = "val_loss"
     # Regularisation and schedule (the tutorial presets use none of these).
-    input_dropout: float = 0.0  # dropout on the embeddings fed to the first LSTM
-    weight_decay: float = 0.0  # decoupled (AdamW) weight decay; biases excluded
-    lr_decay: float = 1.0  # multiply the learning rate by this after `lr_patience` epochs without improvement
-    lr_patience: int = 1
+    input_dropout: float = 0.2  # dropout on the embeddings fed to the first LSTM
+    weight_decay: float = 0.1  # decoupled (AdamW) weight decay; biases excluded
+    lr_decay: float = 0.5  # multiply the learning rate by this after `lr_patience` epochs without improvement
+    lr_patience: int = 3
     # Fraction of the run (by --max-minutes or by steps, whichever ends it first) over which the learning
     # rate is cosine-annealed to zero at the end; 0 keeps it constant apart from plateau decays.
-    lr_anneal: float = 0.0
+    lr_anneal: float = 0.3
     # Data.
     val_fraction: float = 0.1
     keep_case: bool = False
@@ -248,7 +250,8 @@ def _check(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-def train_parser() -> argparse.ArgumentParser:
+def train_parser(preset: str = "default") -> argparse.ArgumentParser:
+    """The flags of `python -m job.train`; each help ends with the default that `preset` gives it."""
     p = argparse.ArgumentParser(
         prog="python -m job.train",
         description="Train a character-level LSTM on a text corpus with Ray Train "
@@ -267,17 +270,17 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="Model preset: seed-small / seed-large reproduce the tutorial's two models; "
                    "default is our stateful stacked LSTM (default: default).")
-    p.add_argument("--epochs", type=int, help="Passes over the training text (preset default).")
+    p.add_argument("--epochs", type=int, help="Passes over the training text.")
     p.add_argument("--max-minutes", type=float,
                    help="Wall-clock budget; stops cleanly after the step that crosses it, keeping the best model.")
-    p.add_argument("--seq-len", type=int, help="Window length in characters (default 100, as in the tutorial).")
+    p.add_argument("--seq-len", type=int, help="Window length in characters (the tutorial: 100).")
     p.add_argument("--batch-size", type=int, help="Per-worker batch size (global batch = this x workers, "
                    "unless --global-batch-size is given).")
     p.add_argument("--val-fraction", type=float,
-                   help="Held-out fraction: the last part of the cleaned corpus (default 0.1).")
+                   help="Held-out fraction: the last part of each cleaned file.")
     p.add_argument("--keep-case", action="store_true", default=None,
                    help="Keep upper case (default: lowercase, as the tutorial does).")
-    p.add_argument("--seed", type=int, help="Random seed for weights, shuffling and dropout (default 0).")
+    p.add_argument("--seed", type=int, help="Random seed for weights, shuffling and dropout.")
     p.add_argument("--config", help="YAML or JSON file with any of these settings (flags win).")
     g = p.add_argument_group("distributed job (Ray Train)")
     g.add_argument("--num-workers", help="Ray Train workers: N, or MIN-MAX for an elastic run that trains on "
@@ -288,27 +291,49 @@ def train_parser() -> argparse.ArgumentParser:
                    help="Minutes to wait for the cluster to grow to fit the workers (default: 15 when it runs an "
                    "autoscaler, else 0: a cluster that cannot fit them is refused at once).")
     g.add_argument("--placement-strategy", choices=PLACEMENTS,
-                   help="Where Ray puts the workers: PACK fills nodes (default), SPREAD one per node if it can.")
+                   help="Where Ray puts the workers: PACK fills nodes, SPREAD one per node if it can.")
     g.add_argument("--use-gpu", action="store_true", default=None, help="One GPU per worker.")
-    g.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default 1).")
+    g.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (and its TensorFlow threads).")
     g.add_argument("--run-name", help="Run name (default: run): checkpoints go to <output>/checkpoints/<name>/; "
                    "re-submitting the same name and --output resumes the run, with the same settings.")
-    g.add_argument("--max-failures", type=int, help="Worker-group restarts allowed before failing (default 3).")
+    g.add_argument("--max-failures", type=int, help="Worker-group restarts allowed before failing.")
     g.add_argument("--checkpoint-every-steps", type=int,
-                   help="Also checkpoint every N optimizer steps (default 0: only at epoch ends).")
+                   help="Also checkpoint every N optimizer steps (0: only at evaluations).")
     g.add_argument("--eval-every-steps", type=int,
-                   help="Also evaluate, write outputs and checkpoint every N optimizer steps (default 0: epoch ends).")
+                   help="Also evaluate, write outputs and checkpoint every N optimizer steps (0: at epoch ends only).")
     g.add_argument("--log-every-seconds", type=float,
-                   help="Progress line (step, loss, chars/s, ETA) at most every N seconds (default 30; 0: off).")
+                   help="Progress line (step, loss, chars/s, ETA) at most every N seconds (0: off).")
     g.add_argument("--val-max-chars", type=int,
-                   help="Held-out characters scored per evaluation: an even, fixed subset (default 1,000,000).")
+                   help="Held-out characters scored per evaluation: an even, fixed subset.")
     g.add_argument("--precision", choices=PRECISIONS,
-                   help="float32 (default), or mixed_float16 / mixed_bfloat16 on GPUs.")
+                   help="float32, or mixed_float16 / mixed_bfloat16 on GPUs.")
     g.add_argument("--in-process", action="store_true", default=None,
                    help="Train in this process without Ray (one worker only); same outputs and resume.")
     p.add_argument("--verbose", action="store_true", default=None,
                    help="Also show TensorFlow's C++ notices and Ray Train's INFO lines (default: quiet).")
+    _add_defaults_to_help(p, preset)
     return p
+
+
+def _add_defaults_to_help(parser: argparse.ArgumentParser, preset: str) -> None:
+    """Append `[preset P: V]` to each setting's help: the value it takes unless a flag or --config sets it. Values
+    that mean "decided at run time" (None) are explained in the help itself."""
+    defaults = {**TrainConfig().to_dict(), **PRESETS.get(preset, {})}
+    for action in parser._actions:
+        value = defaults.get(action.dest)
+        explained = action.help is None or "default" in action.help  # e.g. "(default: --batch-size x ...)"
+        if not explained and action.dest != "preset" and value is not None and value is not False:
+            shown = ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" \
+                if isinstance(value, float) else value
+            action.help += f" [{preset}: {shown}]"
+
+
+def _preset_in(argv: list[str] | None) -> str:
+    """The --preset on the command line (for --help's defaults); `default` when none or an unknown one."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    found = pre.parse_known_args(argv)[0].preset
+    return found if found in PRESETS else "default"
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -347,7 +372,7 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 def load_train_config(argv: list[str] | None = None) -> TrainConfig:
     """Parse flags (and an optional config file) into a validated TrainConfig."""
-    args = train_parser().parse_args(argv)
+    args = train_parser(_preset_in(argv)).parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
     from_file = _read_config_file(args.config) if args.config else {}
     preset = flags.get("preset") or from_file.get("preset") or "default"
@@ -367,21 +392,25 @@ def load_train_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def _coerce_types(cfg: TrainConfig) -> None:
-    """Config files may give numbers as strings or ints for floats; make types exact."""
+    """Config files may give numbers as strings or ints for floats; make types exact (from the annotations)."""
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if value is None:
             continue
+        kind = hints[f.name]
+        if type(None) in typing.get_args(kind):  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
         try:
-            if f.type in ("int", "int | None"):
+            if kind is int:
                 if isinstance(value, bool) or float(value) != int(float(value)):
                     raise ValueError
                 setattr(cfg, f.name, int(float(value)))
-            elif f.type in ("float", "float | None"):
+            elif kind is float:
                 setattr(cfg, f.name, float(value))
-            elif f.type == "bool" and not isinstance(value, bool):
+            elif kind is bool and not isinstance(value, bool):
                 raise ValueError
-            elif f.type == "list[int]":
+            elif typing.get_origin(kind) is list:
                 setattr(cfg, f.name, [int(u) for u in (value if isinstance(value, list) else [value])])
         except (TypeError, ValueError):
             raise UserError(f"setting {f.name} has an invalid value {value!r}") from None

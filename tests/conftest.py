@@ -22,6 +22,16 @@ if str(REPO_ROOT) not in sys.path:  # `infra` is not an installed package; tests
 import e2e_helpers  # noqa: E402  (tests/ is on sys.path: pytest adds the conftest directory)
 import textgen  # noqa: E402
 
+# A test that starts an S3 server or a Ray cluster is end-to-end, whatever its module says: `make test-fast`
+# (-m "not e2e") must start no server.
+_SERVER_FIXTURES = {"s3_server", "s3_prefix", "ray_cluster", "iam_s3", "flaky", "cluster"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if _SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
 
 @pytest.fixture
 def corpus_file(tmp_path):

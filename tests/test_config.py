@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from job.config import PRESETS, load_train_config
+from job.config import PRESETS, TrainConfig, load_train_config
 from job.errors import UserError
 
 BASE = ["--output", "/tmp/out", "--corpus", "x.txt"]
@@ -142,3 +142,24 @@ def test_a_resume_may_change_the_worker_count_but_not_the_global_batch():
     # Checkpoints written before --global-batch-size existed carry batch_size x num_workers only.
     old = {k: v for k, v in saved.items() if k not in ("global_batch_size", "min_workers")}
     assert resume_mismatches(old, same) == []
+
+
+def test_the_dataclass_defaults_are_the_default_preset():
+    """One truth: a TrainConfig built without a preset is the `default` preset."""
+    from dataclasses import fields
+
+
+    plain = TrainConfig()
+    assert {k: getattr(plain, k) for k in PRESETS["default"]} == PRESETS["default"]
+    assert load_train_config(BASE).to_dict() == {**TrainConfig(output="/tmp/out", corpus="x.txt").to_dict()}
+    assert {f.name for f in fields(TrainConfig)} >= set().union(*PRESETS.values())
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_help_shows_the_default_each_preset_gives(preset, capsys):
+    with pytest.raises(SystemExit):
+        load_train_config(["--preset", preset, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    values = {**TrainConfig().to_dict(), **PRESETS[preset]}
+    assert f"--seq-len SEQ_LEN Window length in characters (the tutorial: 100). [{preset}: {values['seq_len']}]" in text
+    assert f"[{preset}: {values['batch_size']}]" in text and f"[{preset}: {values['epochs']}]" in text

@@ -210,7 +210,7 @@ def test_invalid_bucket_names_are_rejected_before_any_request(name, why, capsys)
 
 def test_valid_bucket_names_pass():
     for name in ("charlstm-data", "my.bucket.2026", "abc"):
-        cb.validate_bucket_name(name)
+        assert cb.validate_bucket_name(name) is None  # raises UserError on a bad name
 
 
 def _run_module(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
