@@ -424,6 +424,24 @@ def _ray_env(token_path: str | Path, gcs_port: int | str, extra_env: dict[str, s
     return env
 
 
+_NODE_PORT_FLAGS = {"node_manager": "--node-manager-port", "object_manager": "--object-manager-port",
+                    "dashboard_agent_http": "--dashboard-agent-listen-port",
+                    "dashboard_agent_grpc": "--dashboard-agent-grpc-port",
+                    "runtime_env_agent": "--runtime-env-agent-port", "metrics_export": "--metrics-export-port"}
+
+
+def _node_ports(worker_ports: int) -> tuple[list[str], dict[str, int]]:
+    """`ray start` arguments every node needs on a shared loopback: a free port for each of its services and a
+    block of `worker_ports` for its workers (Ray's defaults would clash between nodes and stacks)."""
+    ports = {name: free_port() for name in _NODE_PORT_FLAGS}
+    ports["min_worker"], ports["max_worker"] = free_port_range(worker_ports)
+    args = ["--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+            "--min-worker-port", str(ports["min_worker"]), "--max-worker-port", str(ports["max_worker"])]
+    for name, flag in _NODE_PORT_FLAGS.items():
+        args += [flag, str(ports[name])]
+    return args, ports
+
+
 def start_ray_head(state_dir: Path, *, num_cpus: int = DEFAULT_NUM_CPUS,
                    extra_env: dict[str, str] | None = None, timeout: float = 120.0,
                    multi_node: bool = False) -> RayInfo:
@@ -434,30 +452,19 @@ def start_ray_head(state_dir: Path, *, num_cpus: int = DEFAULT_NUM_CPUS,
     # Short: Ray puts unix sockets under it and their paths must stay below 107 characters.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     ports = {name: free_port() for name in (
-        "gcs", "dashboard", "client", "node_manager", "object_manager", "dashboard_agent_http",
-        "dashboard_agent_grpc", "runtime_env_agent", "metrics_export", "autoscaler_metrics",
-        "dashboard_metrics")}
-    min_worker, max_worker = free_port_range()
-    ports.update(min_worker=min_worker, max_worker=max_worker)
+        "gcs", "dashboard", "client", "autoscaler_metrics", "dashboard_metrics")}
+    node_args, node_ports = _node_ports(200)
+    ports.update(node_ports)
     argv = [
         ray_executable(), "start", "--head", "--block",
-        "--node-ip-address", "127.0.0.1",
         "--port", str(ports["gcs"]),
         "--include-dashboard", "true",
         "--dashboard-host", "127.0.0.1",
         "--dashboard-port", str(ports["dashboard"]),
         "--ray-client-server-port", str(ports["client"]),
-        "--node-manager-port", str(ports["node_manager"]),
-        "--object-manager-port", str(ports["object_manager"]),
-        "--dashboard-agent-listen-port", str(ports["dashboard_agent_http"]),
-        "--dashboard-agent-grpc-port", str(ports["dashboard_agent_grpc"]),
-        "--runtime-env-agent-port", str(ports["runtime_env_agent"]),
-        "--metrics-export-port", str(ports["metrics_export"]),
-        "--min-worker-port", str(min_worker),
-        "--max-worker-port", str(max_worker),
+        *node_args,
         "--temp-dir", temp_dir,
         "--num-cpus", str(num_cpus),
-        "--disable-usage-stats",
     ]
     env = _ray_env(token_path, ports["gcs"], extra_env, multi_node)
     # Prometheus ports that `ray start` has no flag for (defaults 44217/44227 would clash between stacks).
@@ -547,22 +554,9 @@ def start_ray_node(head: RayInfo, state_dir: Path, name: str, *, num_cpus: int =
     Start nodes one at a time: two joining together once both failed with "timed out during startup"."""
     state_dir = state_dir.resolve()
     before = alive_node_ids(head)
-    ports = {n: free_port() for n in ("node_manager", "object_manager", "dashboard_agent_http",
-                                      "dashboard_agent_grpc", "runtime_env_agent", "metrics_export")}
-    min_worker, max_worker = free_port_range(100)
-    argv = [
-        ray_executable(), "start", "--block", "--address", head.gcs_address,
-        "--node-ip-address", "127.0.0.1",
-        "--node-manager-port", str(ports["node_manager"]),
-        "--object-manager-port", str(ports["object_manager"]),
-        "--dashboard-agent-listen-port", str(ports["dashboard_agent_http"]),
-        "--dashboard-agent-grpc-port", str(ports["dashboard_agent_grpc"]),
-        "--runtime-env-agent-port", str(ports["runtime_env_agent"]),
-        "--metrics-export-port", str(ports["metrics_export"]),
-        "--min-worker-port", str(min_worker), "--max-worker-port", str(max_worker),
-        "--num-cpus", str(num_cpus),
-        "--disable-usage-stats",
-    ]
+    node_args, _ports = _node_ports(100)
+    argv = [ray_executable(), "start", "--block", "--address", head.gcs_address, *node_args,
+            "--num-cpus", str(num_cpus)]
     env = _ray_env(head.token_path, head.gcs_address.rsplit(":", 1)[1], extra_env)
     proc = spawn(f"ray-node-{name}", argv, env, state_dir / f"ray-node-{name}.log")
     deadline = time.monotonic() + timeout

@@ -124,19 +124,13 @@ def _shortfall(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> str |
 
 
 def autoscaler_running() -> bool:
-    """Whether this cluster can add nodes by itself. Ray's autoscaler (v1 monitor, as KubeRay's in-tree
-    autoscaler runs it) writes its status to the GCS key-value store on every update; autoscaler v2 sets
-    its own flag there. Neither exists on a fixed cluster."""
-    from ray.experimental.internal_kv import _internal_kv_get
-
+    """Whether this cluster can add nodes by itself: Ray's autoscaler v2 (KubeRay `autoscalerOptions.version:
+    v2`, or RAY_enable_autoscaler_v2=1) records that it is on in the cluster's key-value store. The v1 monitor
+    gives no such sign: every `ray start --head` runs one (read-only on a fixed cluster) and writes the same
+    status record, so with v1 pass --capacity-wait-minutes (k8s/rayjob-train.yaml does both)."""
     try:
-        if _internal_kv_get(AUTOSCALING_STATUS_KEY):
-            return True
         from ray.autoscaler.v2.utils import is_autoscaler_v2
 
         return bool(is_autoscaler_v2(fetch_from_server=True))
     except Exception:  # noqa: BLE001 - no GCS answer: behave as on a fixed cluster (refuse, never hang)
         return False
-
-
-AUTOSCALING_STATUS_KEY = "__autoscaling_status"  # ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS

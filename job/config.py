@@ -117,8 +117,8 @@ class TrainConfig:
     # The batch of one optimizer step over all workers; 0: batch_size x num_workers. Fixed for the whole run:
     # each worker trains global / (workers alive) windows, so the data order never depends on the worker count.
     global_batch_size: int = 0
-    # When the cluster cannot fit the workers yet: minutes to wait for it to grow (None: 15 when an autoscaler
-    # runs, else refuse at once).
+    # When the cluster cannot fit the workers yet: minutes to wait for it to grow (None: 15 where Ray's autoscaler
+    # v2 runs, else refuse at once; job.cluster).
     capacity_wait_minutes: float | None = None
     # Ray placement group strategy for the workers: PACK fills nodes, SPREAD puts them on distinct nodes.
     placement_strategy: str = "PACK"
@@ -288,8 +288,8 @@ def train_parser(preset: str = "default") -> argparse.ArgumentParser:
     g.add_argument("--global-batch-size", type=int, help="Windows per optimizer step over all workers, fixed "
                    "whatever the worker count (default: --batch-size x the largest worker count).")
     g.add_argument("--capacity-wait-minutes", type=float,
-                   help="Minutes to wait for the cluster to grow to fit the workers (default: 15 when it runs an "
-                   "autoscaler, else 0: a cluster that cannot fit them is refused at once).")
+                   help="Minutes to wait for the cluster to grow to fit the workers (default: 15 where Ray's "
+                   "autoscaler v2 runs, else 0: a cluster that cannot fit them is refused at once).")
     g.add_argument("--placement-strategy", choices=PLACEMENTS,
                    help="Where Ray puts the workers: PACK fills nodes, SPREAD one per node if it can.")
     g.add_argument("--use-gpu", action="store_true", default=None, help="One GPU per worker.")

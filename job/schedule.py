@@ -90,3 +90,21 @@ def record_evaluation(history: list[dict[str, Any]], metrics: dict[str, Any]) ->
                     del history[i]
                 break
     history.append(metrics)
+
+
+def budget_action(stop: bool, elapsed: float, budget: float, world: int) -> str | None:
+    """After a compiled call: "stop" when every worker stops now (a worker's budget flag came back all-reduced,
+    or a lone worker's clock passed the budget); "signal" when this worker's clock passed it and the others
+    must learn so through the next step's all-reduce (so all stop after the same step); else None."""
+    if stop or (elapsed >= budget and world == 1):
+        return "stop"
+    return "signal" if elapsed >= budget else None
+
+
+def step_event(global_step: int, mid_epoch: bool, eval_every: int, checkpoint_every: int) -> str | None:
+    """"evaluate" or "checkpoint" when one falls on this step inside an epoch (the epoch's end has its own)."""
+    if not mid_epoch:
+        return None
+    if due(global_step, eval_every):
+        return "evaluate"
+    return "checkpoint" if due(global_step, checkpoint_every) else None

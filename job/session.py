@@ -21,11 +21,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from job import storage
+from job.checkpoint import PROGRESS, VARIABLES
 from job.config import TrainConfig
 from job.errors import UserError
-
-PROGRESS = "progress.json"
-VARIABLES = "variables.npz"
 
 
 def checkpoint_root(cfg: TrainConfig) -> str:

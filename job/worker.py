@@ -9,7 +9,7 @@ and every stop decision is all-reduced so no worker is left waiting in a collect
 
 from __future__ import annotations
 
-import json
+import importlib
 import math
 import os
 import tempfile
@@ -19,16 +19,18 @@ from typing import Any
 
 import numpy as np
 
-from job import data, report, storage
+from job import checkpoint, data, report, storage
 from job.config import TrainConfig
 from job.errors import check_interrupt, deferred_interrupts
+from job.evaluate import HeldOutScorer
 from job.schedule import (
     ProgressTicker,
     anneal_factor,
-    due,
+    budget_action,
     eta_seconds,
     progress_line,
     record_evaluation,
+    step_event,
     steps_in_next_call,
 )
 from job.session import RunAborted, Session, detect_session
@@ -105,6 +107,14 @@ def ensure_dataset(cfg: TrainConfig, log=print) -> dict[str, Any]:
                           validate=long_enough)
 
 
+def load_hooks() -> Any:
+    """The module named by CHARLSTM_HOOKS (importable on every worker, e.g. from the --working-dir), whose
+    `after_step(trainer)` / `at_end(trainer)` run in the loop; None without it. The tests' fault injection
+    lives there (tests/train_hooks.py), not in the training code."""
+    name = os.environ.get("CHARLSTM_HOOKS")
+    return importlib.import_module(name) if name else None
+
+
 def train_func(config: dict[str, Any]) -> dict[str, Any]:
     """Entry point for one worker. Returns the final metrics (also written to metrics.jsonl).
 
@@ -118,26 +128,231 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     session = detect_session(cfg, in_ray=in_ray)
     with deferred_interrupts():  # Ctrl-C / SIGTERM stop the run after the current step, never inside TensorFlow
         try:
-            return Trainer(cfg, session).run()
+            return Trainer(cfg, session, load_hooks()).run()
         except RunAborted as e:
             print(f"worker {session.rank}: stopping: {e}", flush=True)
             return {}
 
 
+def _replica_step(cfg: TrainConfig, model, opt, vocab_size: int, global_batch: int):
+    """One optimizer step on one replica: gradients all-reduced, then clipped on the *global* gradient."""
+    import tensorflow as tf
+
+    from job import model as model_lib
+
+    fp16 = cfg.precision == "mixed_float16"
+
+    def step(batch, states, signal):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            if cfg.stateful:
+                outputs, new_states = model_lib.run_stateful(model, x, states, training=True)
+            else:
+                outputs, new_states = model_lib.forward(cfg, model, x, vocab_size, True), states
+            per_example = model_lib.per_example_loss(cfg, outputs, y)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            scaled = opt.scale_loss(loss) if fp16 else loss
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(scaled, model.trainable_variables)]
+        ctx = tf.distribute.get_replica_context()
+        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        if cfg.clip_norm > 0:
+            # With float16 loss scaling the gradients are still scaled here: clip at the scaled norm.
+            limit = cfg.clip_norm * tf.cast(opt.dynamic_scale, tf.float32) if fp16 else cfg.clip_norm
+            grads, _ = tf.clip_by_global_norm(grads, limit)
+        opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        # tf.identity places the flag on this replica; an argument passed straight through has no device and
+        # MultiWorkerMirroredStrategy refuses to reduce it ("destinations can not be empty").
+        # signal = [over budget?, seconds elapsed]: summed over workers, so every worker stops after the same
+        # step and derives the same annealed learning rate from the same clock.
+        signal = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(signal))
+        return loss, [tf.stop_gradient(s) for s in new_states], signal
+
+    return step
+
+
+def compile_steps(cfg: TrainConfig, model, opt, strategy, vocab_size: int, global_batch: int):
+    """`steps(windows, states, signal, count)`: `count` optimizer steps in one compiled call."""
+    import tensorflow as tf
+
+    replica_step = _replica_step(cfg, model, opt, vocab_size, global_batch)
+    all_positions = cfg.target == "all"
+
+    def steps(windows, states, signal, count: int):
+        # windows: (count, per-worker batch, seq_len + 1) ids, gathered from the memory map by the caller
+        # (a corpus captured as a constant would be held whole by every worker; GUIDE pitfall 15).
+        total = tf.constant(0.0)
+        summed = tf.zeros([2])
+        for i in range(count):
+            w = windows[i]
+            batch = (w[:, :-1], w[:, 1:] if all_positions else w[:, -1:])
+            loss, states, summed = strategy.run(replica_step, args=(batch, states, signal))
+            total += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+        # Each replica holds the same all-reduced vector; take one copy rather than summing again.
+        return total, states, strategy.experimental_local_results(summed)[0]
+
+    return tf.function(steps, reduce_retracing=True)
+
+
+def collective(strategy, op: str):
+    """A compiled all-reduce ("sum") or all-gather along axis 0 ("gather") over every worker, in rank order."""
+    import tensorflow as tf
+
+    @tf.function
+    def run(x):
+        def replica(v):
+            ctx = tf.distribute.get_replica_context()
+            v = tf.identity(v)  # placed on this replica (see _replica_step)
+            return ctx.all_reduce(tf.distribute.ReduceOp.SUM, v) if op == "sum" else ctx.all_gather(v, axis=0)
+
+        return strategy.experimental_local_results(strategy.run(replica, (x,)))[0]
+
+    return run
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, session: Session):
-        self.cfg = cfg
-        self.session = session
+    """One worker's run: set up, then epochs of compiled steps with evaluations and checkpoints in between."""
+
+    def __init__(self, cfg: TrainConfig, session: Session, hooks: Any = None):
+        self.cfg, self.session, self.hooks = cfg, session, hooks
         self.rank, self.world = session.rank, session.world_size
         # Fixed for the run; the worker count may change between resumes (elastic runs), the global batch not.
         self.global_batch = cfg.global_batch
         if self.global_batch % self.world:
             raise RuntimeError(f"global batch {self.global_batch} does not split over {self.world} workers")
         self.per_worker = self.global_batch // self.world
+        self.chars_per_step = self.global_batch * (cfg.seq_len if cfg.target == "all" else 1)
+        self.budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+        self.progress = Progress()
         self.board: Board | None = None
         self.states: list = []  # this worker's LSTM states (stateful presets), carried across steps
+        self.sampler = None  # built on first use: a new Sampler would retrace every epoch
+        self.over = 0.0  # becomes 1.0 once this worker's clock passes the budget (all-reduced with the next step)
+        self.agreed_elapsed = 0.0  # the workers' mean clock, as of the last all-reduce
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> dict[str, Any]:
+        try:
+            self._setup()
+            p = self.progress
+            while p.epoch < self.cfg.epochs and not p.stopped_early:
+                if not self._train_epoch():
+                    break  # the budget ran out exactly at an epoch boundary
+            if self.hooks:
+                self.hooks.at_end(self)
+            final = dict(p.history[-1]) if p.history else {}
+            final.update(best_epoch=p.best_epoch, best_score=p.best_score, select_by=self.cfg.select_by,
+                         stopped_early=p.stopped_early, global_batch=self.global_batch, workers=self.world)
+            return final
+        finally:
+            if self.board:  # also on a time-budget stop, Ctrl-C or a crash: the events so far reach the output
+                self.board.close()
+
+    def _train_epoch(self) -> bool:
+        """The rest of the current epoch, then its evaluation; False when no step of it ran."""
+        cfg, p = self.cfg, self.progress
+        plan = self.plan_fn(len(self.train_ids), cfg.seq_len, self.global_batch, p.epoch, cfg.seed)
+        steps_total = len(plan)
+        if not (p.step_in_epoch and self.states):  # a resume mid-epoch restored the streams' states
+            self.states = self._zero_states()
+        started, chars = time.monotonic(), 0
+        while p.step_in_epoch < steps_total:
+            count = 1 if self.over else steps_in_next_call(
+                cfg.steps_per_call, steps_total - p.step_in_epoch, p.global_step,
+                (cfg.checkpoint_every_steps, cfg.eval_every_steps))
+            stop, loss_sum = self._train_steps(plan, count)
+            chars += count * self.chars_per_step
+            if self.hooks:
+                self.hooks.after_step(self)
+            check_interrupt()
+            self._log_progress(steps_total, count, loss_sum)
+            budget = budget_action(stop, p.elapsed_sec, self.budget, self.world)
+            if budget == "stop":
+                p.stopped_early = True
+                break
+            if budget == "signal":
+                self.over = 1.0
+            event = step_event(p.global_step, p.step_in_epoch < steps_total, cfg.eval_every_steps,
+                               cfg.checkpoint_every_steps)
+            if event == "evaluate":
+                self._evaluate("eval", steps_total, chars, time.monotonic() - started)
+            elif event == "checkpoint":
+                last_val = p.history[-1]["val_loss"] if p.history else math.inf
+                self._report({"epoch": p.epoch, "global_step": p.global_step, "val_loss": last_val,
+                              "train_loss": p.epoch_loss_sum / p.step_in_epoch, "kind": "step"})
+        if p.step_in_epoch == 0:
+            return False
+        self._evaluate("epoch", steps_total, chars, time.monotonic() - started)
+        return True
+
+    def _train_steps(self, plan, count: int) -> tuple[bool, float]:
+        """`count` steps in one compiled call; returns (every worker must stop now, the summed loss)."""
+        import tensorflow as tf
+
+        cfg, p = self.cfg, self.progress
+        self._apply_learning_rate(self.agreed_elapsed)
+        signal = tf.constant([self.over, p.elapsed_sec], dtype=tf.float32)
+        starts = data.shard(plan, self.rank, self.world, p.step_in_epoch, p.step_in_epoch + count)
+        windows = data.gather_windows(self.train_ids, starts, cfg.seq_len)
+        loss_sum, self.states, summed = self._steps(windows, self.states, signal, count)
+        stop, elapsed_sum = (float(x) for x in summed.numpy())
+        self.agreed_elapsed = elapsed_sum / self.world
+        p.step_in_epoch += count
+        p.global_step += count
+        p.epoch_loss_sum += float(loss_sum)
+        p.train_chars += count * self.chars_per_step
+        p.elapsed_sec = time.monotonic() - self.start_clock
+        return stop > 0, float(loss_sum)
+
+    def _log_progress(self, steps_total: int, count: int, loss_sum: float) -> None:
+        line = self.ticker.tick(time.monotonic(), count, loss_sum, count * self.chars_per_step)
+        if self.rank == 0 and line:
+            self.session.log(progress_line(self.progress, self.cfg.epochs, steps_total, self.total_steps, line,
+                                           self.budget))
+            self.board.scalars(self.progress.global_step, {"train/loss": line.loss,
+                                                           "train/chars_per_sec": line.chars_per_sec,
+                                                           "train/learning_rate": self._learning_rate()})
 
     # ---------------------------------------------------------------- set-up
+    def _setup(self) -> None:
+        cfg = self.cfg
+        threads = max(1, round(cfg.cpus_per_worker)) if self.session.in_ray else None
+        self.strategy = _make_strategy(threads)  # must exist before any other TensorFlow op
+        self._prepare_data()
+        self._build()
+        resumed = self.session.latest_checkpoint()
+        if resumed:
+            with resumed as directory:
+                self._restore_checkpoint(directory)
+        p = self.progress
+        if resumed:
+            self.session.log(f"resumed from checkpoint: epoch {p.epoch}, step {p.step_in_epoch} of the next "
+                             f"epoch, global step {p.global_step}")
+        self._steps = compile_steps(cfg, self.model, self.optimizer, self.strategy, len(self.vocab),
+                                    self.global_batch)
+        self._score = HeldOutScorer(cfg, self.model, len(self.vocab))
+        self._sum, self._gather = collective(self.strategy, "sum"), collective(self.strategy, "gather")
+        self._check_workers_agree()
+        self.board = Board(cfg, self.rank, p.global_step if resumed else None)
+        self.board.config(p.global_step, cfg.to_dict())
+        self.session.log(
+            f"training {cfg.preset}: {len(self.train_ids):,} train chars, {self.heldout_chars:,} held-out "
+            f"chars ({self.heldout.chars:,} scored per evaluation), vocab {len(self.vocab)}, {self.world} "
+            f"worker(s), global batch {self.global_batch} ({self.per_worker} per worker), "
+            f"{self.model.count_params():,} parameters")
+        # The budget is for the whole run, resumes included; a larger --max-minutes continues a run that had
+        # stopped on its budget.
+        p.stopped_early = p.elapsed_sec >= self.budget
+        if p.stopped_early:
+            self.session.log(f"time budget already spent ({p.elapsed_sec / 60:.1f} of {cfg.max_minutes:g} min); "
+                             "raise --max-minutes to train further")
+        self.start_clock = time.monotonic() - p.elapsed_sec
+        self.agreed_elapsed = p.elapsed_sec
+        # The run's planned length, for annealing by steps (epoch plans differ by at most a step: fixed here so
+        # the schedule never jumps).
+        self.total_steps = cfg.epochs * len(self.plan_fn(len(self.train_ids), cfg.seq_len, self.global_batch, 0,
+                                                         cfg.seed))
+        self.ticker = ProgressTicker(cfg.log_every_seconds, time.monotonic())
+
     def _prepare_data(self) -> None:
         """Memory-map the prepared dataset (the driver prepared it, job.prepare): no worker holds the corpus as
         a string or a tensor, and only the pages a step touches become resident."""
@@ -145,9 +360,7 @@ class Trainer:
 
         cfg = self.cfg
         ds = prepare.open_local(cfg.data_url)
-        self.dataset = ds
-        self.vocab = ds.vocab
-        self.train_ids = ds.train
+        self.dataset, self.vocab, self.train_ids = ds, ds.vocab, ds.train
         full = data.heldout(ds.val, ds.val_segments, cfg.target, cfg.seq_len)
         self.heldout_chars = full.chars
         self.heldout = full.subset(cfg.val_max_chars if cfg.target == "all" else cfg.val_max_windows)
@@ -157,7 +370,6 @@ class Trainer:
 
     def _build(self) -> None:
         import keras
-        import tensorflow as tf
 
         from job import model as model_lib
 
@@ -168,260 +380,58 @@ class Trainer:
             self.model = model_lib.build(cfg, len(self.vocab))
             self.optimizer = _make_optimizer(cfg)
             self.optimizer.build(self.model.trainable_variables)
-        self.tf = tf
-        self.model_lib = model_lib
-
-    # ---------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self, directory: str, states: np.ndarray | None) -> None:
-        np.savez(
-            os.path.join(directory, "variables.npz"),
-            **{f"m{i}": np.asarray(v.numpy()) for i, v in enumerate(self.model.variables)},
-            **{f"o{i}": np.asarray(v.numpy()) for i, v in enumerate(self.optimizer.variables)},
-            # Mid-epoch, the stateful preset's LSTM states of all global_batch streams (rows in stream order):
-            # a resume on any number of workers continues each stream exactly where it was.
-            **({} if states is None else {"states": states}),
-        )
-        with open(os.path.join(directory, "progress.json"), "w") as f:
-            json.dump({"progress": asdict(self.progress), "config": self.cfg.to_dict(),
-                       "vocab": list(self.vocab.chars), "corpus_sha256": self.dataset.meta["corpus_sha256"]}, f)
-
-    def _restore_checkpoint(self, directory: str) -> None:
-        with open(os.path.join(directory, "progress.json")) as f:
-            saved = json.load(f)
-        if tuple(saved["vocab"]) != self.vocab.chars:
-            raise RuntimeError("checkpoint vocabulary differs from this corpus's; use a new --run-name")
-        arrays = np.load(os.path.join(directory, "variables.npz"))
-        for i, v in enumerate(self.model.variables):
-            v.assign(arrays[f"m{i}"])
-        for i, v in enumerate(self.optimizer.variables):
-            v.assign(arrays[f"o{i}"])
-        self.progress = Progress(**saved["progress"])
-        if "states" in arrays.files and self.progress.step_in_epoch:
-            self.states = self._split_states(arrays["states"][self.rank * self.per_worker:][:self.per_worker])
-        if self.progress.learning_rate:
-            self._set_learning_rate(self.progress.learning_rate)
-
-    # ---------------------------------------------------------------- compiled steps
-    def _compile_steps(self) -> None:
-        tf, cfg, model, opt = self.tf, self.cfg, self.model, self.optimizer
-        strategy, model_lib = self.strategy, self.model_lib
-        vocab_size, global_batch = len(self.vocab), self.global_batch
-        fp16 = cfg.precision == "mixed_float16"
-
-        def replica_step(batch, states, signal):
-            x, y = batch
-            with tf.GradientTape() as tape:
-                if cfg.stateful:
-                    outputs, new_states = model_lib.run_stateful(model, x, states, training=True)
-                else:
-                    outputs, new_states = model_lib.forward(cfg, model, x, vocab_size, True), states
-                per_example = model_lib.per_example_loss(cfg, outputs, y)
-                loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-                scaled = opt.scale_loss(loss) if fp16 else loss
-            grads = tape.gradient(scaled, model.trainable_variables)
-            grads = [tf.convert_to_tensor(g) for g in grads]
-            ctx = tf.distribute.get_replica_context()
-            grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-            if cfg.clip_norm > 0:
-                # With float16 loss scaling the gradients are still scaled here: clip at the scaled norm.
-                limit = cfg.clip_norm * tf.cast(opt.dynamic_scale, tf.float32) if fp16 else cfg.clip_norm
-                grads, _ = tf.clip_by_global_norm(grads, limit)
-            opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-            # tf.identity places the flag on this replica; an argument passed straight through has no
-            # device and MultiWorkerMirroredStrategy refuses to reduce it ("destinations can not be empty").
-            # signal = [over budget?, seconds elapsed]: summed over workers, so every worker stops after
-            # the same step and derives the same annealed learning rate from the same clock.
-            signal = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(signal))
-            return loss, [tf.stop_gradient(s) for s in new_states], signal
-
-        all_positions = cfg.target == "all"
-
-        def steps(windows, states, signal, count: int):
-            # windows: (count, per-worker batch, seq_len + 1) ids, gathered from the memory map by the caller
-            # (a corpus captured as a constant would be held whole by every worker; GUIDE pitfall 15).
-            total = tf.constant(0.0)
-            summed = tf.zeros([2])
-            for i in range(count):
-                w = windows[i]
-                batch = (w[:, :-1], w[:, 1:] if all_positions else w[:, -1:])
-                loss, states, summed = strategy.run(replica_step, args=(batch, states, signal))
-                total += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
-            # Each replica holds the same all-reduced vector; take one copy rather than summing again.
-            return total, states, strategy.experimental_local_results(summed)[0]
-
-        self._steps = tf.function(steps, reduce_retracing=True)
-
-        from job.evaluate import HeldOutScorer
-
-        self._score = HeldOutScorer(cfg, model, vocab_size)
 
     def _check_workers_agree(self) -> None:
         """Every worker must start from the same step, or the collectives would pair different steps."""
-        if self.world == 1:
-            return
-        tf, strategy = self.tf, self.strategy
+        import tensorflow as tf
+
         step = float(self.progress.global_step)
-
-        @tf.function
-        def total(x):
-            def replica(v):
-                return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(v))
-
-            return strategy.experimental_local_results(strategy.run(replica, (x,)))[0]
-
-        summed = float(total(tf.constant(step)))
+        summed = float(self._sum(tf.constant(step))) if self.world > 1 else step
         if abs(summed - step * self.world) > 0.5:
             raise RuntimeError(f"workers resumed from different checkpoints (step {step:.0f} here, "
                                f"sum {summed:.0f} over {self.world}); the group will be restarted")
 
-    def _zero_states(self):
-        if not self.cfg.stateful:
-            return []
-        return self.model_lib.zero_states(self.model, self.per_worker)
+    # ---------------------------------------------------------------- checkpoints and LSTM states
+    def _restore_checkpoint(self, directory: str) -> None:
+        progress, states = checkpoint.restore(directory, self.model, self.optimizer, self.vocab.chars)
+        self.progress = Progress(**progress)
+        if states is not None and self.progress.step_in_epoch:
+            self.states = self._split_states(states[self.rank * self.per_worker:][:self.per_worker])
+        if self.progress.learning_rate:
+            self._set_learning_rate(self.progress.learning_rate)
+
+    def _zero_states(self) -> list:
+        from job import model as model_lib
+
+        return model_lib.zero_states(self.model, self.per_worker) if self.cfg.stateful else []
 
     def _split_states(self, rows: np.ndarray) -> list:
         """[h0, c0, h1, c1, ...] from this worker's rows of the concatenated states."""
+        import tensorflow as tf
+
         sizes = [int(s.shape[1]) for s in self._zero_states()]
-        return [self.tf.constant(part) for part in np.split(rows, np.cumsum(sizes)[:-1], axis=1)]
+        return [tf.constant(part) for part in np.split(rows, np.cumsum(sizes)[:-1], axis=1)]
 
     def _gathered_states(self) -> np.ndarray | None:
-        """Every worker's states, concatenated per stream and gathered in rank order (a collective: all
-        workers call it at the same step). None where there is nothing to carry (epoch start, stateless)."""
+        """Every worker's states, concatenated per stream and gathered in rank order (a collective: all workers
+        call it at the same step). None where there is nothing to carry (epoch start, stateless presets)."""
+        import tensorflow as tf
+
         if not (self.cfg.stateful and self.states and self.progress.step_in_epoch):
             return None
-        tf, strategy = self.tf, self.strategy
-        if not hasattr(self, "_gather"):
-            @tf.function
-            def gather(x):
-                def replica(v):
-                    return tf.distribute.get_replica_context().all_gather(tf.identity(v), axis=0)
-
-                return strategy.experimental_local_results(strategy.run(replica, (x,)))[0]
-
-            self._gather = gather
         return self._gather(tf.concat(self.states, axis=1)).numpy()
 
-    # ---------------------------------------------------------------- metrics
-    def heldout_loss(self) -> float:
-        return self._score(self.heldout)
+    def _report(self, metrics: dict[str, Any]) -> None:
+        # Events go up before the checkpoint: those past it are dropped on resume, but none up to it are missing.
+        self.board.sync()
+        states = self._gathered_states()
+        with tempfile.TemporaryDirectory(prefix="charlstm-ckpt-") as tmp:
+            if self.rank == 0:
+                checkpoint.save(tmp, self.model, self.optimizer, asdict(self.progress), self.cfg.to_dict(),
+                                self.vocab.chars, self.dataset.meta["corpus_sha256"], states)
+            self.session.report(metrics, tmp if self.rank == 0 else None)
 
-    def _sample_text(self) -> str:
-        from job.sample import Sampler
-
-        if not hasattr(self, "_sampler"):  # built once: a new Sampler would retrace every epoch
-            self._sampler = Sampler(self.model, self.cfg.input_mode, len(self.vocab), self.cfg.seq_len,
-                                    self.vocab.unknown_id, xla=False)  # one short sample: not worth a compile
-        out = self._sampler.generate(self.sample_prompt[None, :], self.cfg.sample_chars, temperature=0.8,
-                               seed=self.cfg.seed * 1000 + self.progress.epoch)
-        return self.vocab.decode(out[0])
-
-    # ---------------------------------------------------------------- main loop
-    def run(self) -> dict[str, Any]:
-        try:
-            return self._run()
-        finally:
-            if self.board:  # also on a time-budget stop, Ctrl-C or a crash: the events so far reach the output
-                self.board.close()
-
-    def _run(self) -> dict[str, Any]:
-        cfg = self.cfg
-        threads = max(1, round(cfg.cpus_per_worker)) if self.session.in_ray else None
-        self.strategy = _make_strategy(threads)  # must exist before any other TensorFlow op
-        self._prepare_data()
-        self._build()
-        self.progress = Progress()
-        resumed = self.session.latest_checkpoint()
-        if resumed:
-            with resumed as directory:
-                self._restore_checkpoint(directory)
-            self.session.log(f"resumed from checkpoint: epoch {self.progress.epoch}, "
-                             f"step {self.progress.step_in_epoch} of the next epoch, "
-                             f"global step {self.progress.global_step}")
-        self._compile_steps()
-        self._check_workers_agree()
-        p = self.progress
-        self.board = Board(cfg, self.rank, p.global_step if resumed else None)
-        self.board.config(p.global_step, cfg.to_dict())
-        self.session.log(
-            f"training {cfg.preset}: {len(self.train_ids):,} train chars, {self.heldout_chars:,} held-out "
-            f"chars ({self.heldout.chars:,} scored per evaluation), "
-            f"vocab {len(self.vocab)}, {self.world} worker(s), global batch {self.global_batch} "
-            f"({self.per_worker} per worker), {self.model.count_params():,} parameters"
-        )
-        budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-        # The budget is for the whole run, resumes included; a larger --max-minutes continues a run that
-        # had stopped on its budget.
-        p.stopped_early = p.elapsed_sec >= budget
-        if p.stopped_early:
-            self.session.log(f"time budget already spent ({p.elapsed_sec / 60:.1f} of {cfg.max_minutes:g} min); "
-                             "raise --max-minutes to train further")
-        start_clock = time.monotonic() - p.elapsed_sec
-        chars_per_step = self.global_batch * (cfg.seq_len if cfg.target == "all" else 1)
-        over = 0.0  # becomes 1.0 once this worker's clock passes the budget
-        agreed_elapsed = p.elapsed_sec  # the workers' mean clock, as of the last all-reduce
-        # Planned length of the run for annealing by steps (epoch plans differ by at most a step: fixed here so
-        # the schedule never jumps).
-        self._total_steps = cfg.epochs * len(self.plan_fn(len(self.train_ids), cfg.seq_len, self.global_batch,
-                                                          0, cfg.seed))
-        self._budget = budget
-        ticker = ProgressTicker(cfg.log_every_seconds, time.monotonic())
-        while p.epoch < cfg.epochs and not p.stopped_early:
-            plan = self.plan_fn(len(self.train_ids), cfg.seq_len, self.global_batch, p.epoch, cfg.seed)
-            steps_total = len(plan)
-            if not (p.step_in_epoch and self.states):
-                self.states = self._zero_states()
-            epoch_start = time.monotonic()
-            chars_this_epoch = 0
-            while p.step_in_epoch < steps_total:
-                count = 1 if over else steps_in_next_call(
-                    cfg.steps_per_call, steps_total - p.step_in_epoch, p.global_step,
-                    (cfg.checkpoint_every_steps, cfg.eval_every_steps))
-                self._apply_learning_rate(agreed_elapsed)
-                signal = self.tf.constant([over, p.elapsed_sec], dtype=self.tf.float32)
-                starts = data.shard(plan, self.rank, self.world, p.step_in_epoch, p.step_in_epoch + count)
-                windows = data.gather_windows(self.train_ids, starts, cfg.seq_len)
-                loss_sum, self.states, summed = self._steps(windows, self.states, signal, count)
-                stop, agreed_elapsed = (float(x) for x in summed.numpy())
-                agreed_elapsed /= self.world
-                p.step_in_epoch += count
-                p.global_step += count
-                p.epoch_loss_sum += float(loss_sum)
-                p.train_chars += count * chars_per_step
-                chars_this_epoch += count * chars_per_step
-                p.elapsed_sec = time.monotonic() - start_clock
-                self._maybe_crash_for_test()
-                check_interrupt()
-                if self.rank == 0 and (line := ticker.tick(time.monotonic(), count, float(loss_sum),
-                                                           count * chars_per_step)):
-                    self.session.log(progress_line(p, cfg.epochs, steps_total, self._total_steps, line,
-                                                   budget))
-                    self.board.scalars(p.global_step, {"train/loss": line.loss,
-                                                       "train/chars_per_sec": line.chars_per_sec,
-                                                       "train/learning_rate": self._learning_rate()})
-                if stop > 0:
-                    p.stopped_early = True
-                    break
-                if p.elapsed_sec >= budget:
-                    if self.world == 1:
-                        p.stopped_early = True
-                        break
-                    over = 1.0  # all-reduced in the next step: every worker stops after the same step
-                if p.step_in_epoch < steps_total:
-                    if due(p.global_step, cfg.eval_every_steps):
-                        self._evaluate("eval", steps_total, chars_this_epoch, time.monotonic() - epoch_start)
-                    elif due(p.global_step, cfg.checkpoint_every_steps):
-                        last_val = p.history[-1]["val_loss"] if p.history else math.inf
-                        self._report({"epoch": p.epoch, "global_step": p.global_step, "val_loss": last_val,
-                                      "train_loss": p.epoch_loss_sum / p.step_in_epoch, "kind": "step"})
-            if p.step_in_epoch == 0:
-                break  # budget ran out exactly at an epoch boundary
-            self._evaluate("epoch", steps_total, chars_this_epoch, time.monotonic() - epoch_start)
-        self._dump_weights_for_test()
-        final = dict(p.history[-1]) if p.history else {}
-        final.update(best_epoch=p.best_epoch, best_score=p.best_score, select_by=cfg.select_by,
-                     stopped_early=p.stopped_early, global_batch=self.global_batch, workers=self.world)
-        return final
-
+    # ---------------------------------------------------------------- learning rate
     def _inner_optimizer(self):
         return getattr(self.optimizer, "inner_optimizer", self.optimizer)
 
@@ -437,30 +447,13 @@ class Trainer:
         if self.cfg.lr_anneal <= 0:
             return
         p = self.progress
-        done = max(p.global_step / max(1, self._total_steps), elapsed / self._budget)
+        done = max(p.global_step / max(1, self.total_steps), elapsed / self.budget)
         self._inner_optimizer().learning_rate = (p.learning_rate or self.cfg.learning_rate) * anneal_factor(
             done, self.cfg.lr_anneal)
 
-    def _maybe_crash_for_test(self) -> None:
-        """Test-only fault injection: the last worker dies hard once, at a given global step."""
-        at, marker = os.environ.get("CHARLSTM_TEST_CRASH_AT_STEP"), os.environ.get("CHARLSTM_TEST_CRASH_MARKER")
-        if not (at and marker) or self.rank != self.world - 1 or self.progress.global_step < int(at):
-            return
-        if os.path.exists(marker):
-            return
-        with open(marker, "w") as f:
-            f.write(f"crashed at global step {self.progress.global_step}\n")
-        print(f"test fault injection: worker {self.rank} exits at global step {self.progress.global_step}",
-              flush=True)
-        os._exit(17)
-
-    def _dump_weights_for_test(self) -> None:
-        """Test-only: every worker saves its final weights, to prove they are identical."""
-        directory = os.environ.get("CHARLSTM_TEST_DUMP_WEIGHTS")
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-            np.savez(os.path.join(directory, f"rank-{self.rank}.npz"),
-                     *[np.asarray(v.numpy()) for v in self.model.trainable_variables])
+    # ---------------------------------------------------------------- evaluations and outputs
+    def heldout_loss(self) -> float:
+        return self._score(self.heldout)
 
     def _evaluate(self, kind: str, steps_total: int, chars: int, seconds: float) -> None:
         """Held-out loss, metrics line, outputs and checkpoint, at an epoch's end (kind "epoch") or every
@@ -475,30 +468,44 @@ class Trainer:
             "epoch": number, "epochs": cfg.epochs, "epoch_float": p.epoch + p.step_in_epoch / steps_total,
             "global_step": p.global_step, "train_loss": train_loss, "val_loss": val, "val_bpc": report.bits(val),
             "chars_per_sec": chars / max(seconds, 1e-9), "elapsed_sec": p.elapsed_sec,
-            "eta_sec": 0.0 if p.stopped_early else eta_seconds(p, self._total_steps, self._budget),
+            "eta_sec": 0.0 if p.stopped_early else eta_seconds(p, self.total_steps, self.budget),
             "train_chars": p.train_chars, "partial_epoch": partial, "kind": kind,
         }
         record_evaluation(p.history, metrics)
-        score = train_loss if cfg.select_by == "train_loss" else val
-        improved = score < p.best_score
-        if improved:
-            p.best_score, p.best_epoch = score, number
-            p.epochs_without_improvement = 0
-        elif not partial:
-            p.epochs_without_improvement += 1
-            if cfg.lr_decay < 1.0 and p.epochs_without_improvement >= cfg.lr_patience:
-                self._set_learning_rate((p.learning_rate or cfg.learning_rate) * cfg.lr_decay)
-                self._apply_learning_rate(p.elapsed_sec)  # report the rate the next step will use
-                p.epochs_without_improvement = 0
+        improved = self._track_best(train_loss if cfg.select_by == "train_loss" else val, number, partial)
         metrics["learning_rate"] = self._learning_rate()
         if kind == "epoch" and not partial:
             p.epoch, p.step_in_epoch, p.epoch_loss_sum = number, 0, 0.0
         if self.rank == 0:
             self.session.log(report.epoch_line(metrics))
             self.board.scalars(p.global_step, {"heldout/loss_nats": val, "heldout/bits_per_char": metrics["val_bpc"]})
-            sample = f"epoch-{number:03d}" if kind == "epoch" else f"step-{p.global_step:09d}"
-            self._write_outputs(improved, sample)
+            self._write_outputs(improved, f"epoch-{number:03d}" if kind == "epoch" else f"step-{p.global_step:09d}")
         self._report(metrics)
+
+    def _track_best(self, score: float, number: int, partial: bool) -> bool:
+        """Record a new best score; after `lr_patience` complete epochs without one, decay the learning rate."""
+        cfg, p = self.cfg, self.progress
+        if score < p.best_score:
+            p.best_score, p.best_epoch = score, number
+            p.epochs_without_improvement = 0
+            return True
+        if not partial:
+            p.epochs_without_improvement += 1
+            if cfg.lr_decay < 1.0 and p.epochs_without_improvement >= cfg.lr_patience:
+                self._set_learning_rate((p.learning_rate or cfg.learning_rate) * cfg.lr_decay)
+                self._apply_learning_rate(p.elapsed_sec)  # report the rate the next step will use
+                p.epochs_without_improvement = 0
+        return False
+
+    def _sample_text(self) -> str:
+        from job.sample import Sampler
+
+        if self.sampler is None:  # one short sample per evaluation: not worth an XLA compile
+            self.sampler = Sampler(self.model, self.cfg.input_mode, len(self.vocab), self.cfg.seq_len,
+                                   self.vocab.unknown_id, xla=False)
+        out = self.sampler.generate(self.sample_prompt[None, :], self.cfg.sample_chars, temperature=0.8,
+                                    seed=self.cfg.seed * 1000 + self.progress.epoch)
+        return self.vocab.decode(out[0])
 
     def _write_outputs(self, improved: bool, sample_name: str) -> None:
         from job import export
@@ -515,11 +522,8 @@ class Trainer:
     def export_config(self) -> dict[str, Any]:
         cfg, p = self.cfg, self.progress
         last = p.history[-1]
-        keys = ("preset", "input_mode", "embed_dim", "units", "dropout", "target", "stateful", "seq_len",
-                "batch_size", "learning_rate", "clip_norm", "val_fraction", "keep_case", "seed", "precision",
-                "input_dropout", "weight_decay", "lr_decay", "lr_patience", "lr_anneal")
         return {
-            **{k: getattr(cfg, k) for k in keys},
+            **{k: getattr(cfg, k) for k in EXPORTED},
             "corpus": cfg.corpus, "dataset": cfg.data_url, "corpus_sha256": self.dataset.meta["corpus_sha256"],
             "epoch": last["epoch"],
             "global_step": p.global_step, "val_loss": last["val_loss"], "val_bpc": last["val_bpc"],
@@ -527,11 +531,8 @@ class Trainer:
             "lowercase": not cfg.keep_case,
         }
 
-    def _report(self, metrics: dict[str, Any]) -> None:
-        # Events go up before the checkpoint: those past it are dropped on resume, but none up to it are missing.
-        self.board.sync()
-        states = self._gathered_states()
-        with tempfile.TemporaryDirectory(prefix="charlstm-ckpt-") as tmp:
-            if self.rank == 0:
-                self._save_checkpoint(tmp, states)
-            self.session.report(metrics, tmp if self.rank == 0 else None)
+
+# The settings model/config.json carries: what the model is and how it was trained (not where a run ran).
+EXPORTED = ("preset", "input_mode", "embed_dim", "units", "dropout", "target", "stateful", "seq_len", "batch_size",
+            "learning_rate", "clip_norm", "val_fraction", "keep_case", "seed", "precision", "input_dropout",
+            "weight_decay", "lr_decay", "lr_patience", "lr_anneal")

@@ -88,12 +88,17 @@ def _resumes(logs: str) -> list[tuple[int, int, int]]:
     return sorted({tuple(int(x) for x in m) for m in found})  # every node's copy of the shared log: once each
 
 
-def test_fixed_size_run_survives_a_lost_node_once_a_replacement_joins(cluster, inputs):
+def _spread_run(inputs, run: str, *flags: str) -> list[str]:
     corpus, config, out = inputs
+    return ["python", "-m", "job.train", "--corpus", corpus, "--output", out, "--config", config, "--run-name", run,
+            "--placement-strategy", "SPREAD", "--epochs", str(EPOCHS), "--checkpoint-every-steps", str(INTERVAL),
+            *flags]
+
+
+def test_fixed_size_run_survives_a_lost_node_once_a_replacement_joins(cluster, inputs):
+    out = inputs[2]
     cluster.ensure_nodes(2)
-    args = ["python", "-m", "job.train", "--corpus", corpus, "--output", out, "--config", config,
-            "--num-workers", "2", "--placement-strategy", "SPREAD", "--epochs", str(EPOCHS), "--run-name", "fixed",
-            "--checkpoint-every-steps", str(INTERVAL), "--max-failures", "5"]
+    args = _spread_run(inputs, "fixed", "--num-workers", "2", "--max-failures", "5")
     job, at_kill = _run_until_checkpoint_then_kill(cluster, args, out, "fixed")
     time.sleep(3)
     cluster.add_node()  # the replacement a cloud autoscaler would bring
@@ -112,9 +117,7 @@ def test_fixed_size_run_survives_a_lost_node_once_a_replacement_joins(cluster, i
 def test_elastic_run_continues_on_the_surviving_node_with_the_same_losses(cluster, inputs, tmp_path):
     corpus, config, out = inputs
     cluster.ensure_nodes(2)
-    args = ["python", "-m", "job.train", "--corpus", corpus, "--output", out, "--config", config,
-            "--num-workers", "1-2", "--placement-strategy", "SPREAD", "--epochs", str(EPOCHS), "--run-name", "el",
-            "--checkpoint-every-steps", str(INTERVAL), "--seed", "3"]
+    args = _spread_run(inputs, "el", "--num-workers", "1-2", "--seed", "3")
     job, at_kill = _run_until_checkpoint_then_kill(cluster, args, out, "el")
     result = job.wait(420)  # no replacement: the run must not wait for one
     assert result.ok, result.describe()
@@ -156,15 +159,16 @@ def test_elastic_run_continues_on_the_surviving_node_with_the_same_losses(cluste
     assert [m["epoch"] for m in _metrics(out)] == list(range(1, EPOCHS + 2))
 
 
-def _set_autoscaling_status(cluster, value: str | None) -> None:
-    """Write (or delete) the status record Ray's autoscaler keeps in the GCS key-value store, as a cluster with
-    an autoscaler (KubeRay enableInTreeAutoscaling) has it. No autoscaler can run here; nodes are added by hand."""
-    code = ("import sys, ray\nfrom ray.experimental import internal_kv as kv\n"
+def _announce_autoscaler_v2(cluster, on: bool) -> None:
+    """Set (or clear) the flag Ray's autoscaler v2 keeps in the GCS key-value store, as on a KubeRay cluster with
+    `autoscalerOptions.version: v2`. No autoscaler can run here: the test adds the node it would add."""
+    code = ("import sys, ray\nfrom ray import _raylet\nfrom ray.experimental import internal_kv as kv\n"
             "ray.init(address=sys.argv[1], log_to_driver=False)\n"
-            "kv._internal_kv_del('__autoscaling_status') if sys.argv[2] == '-' else "
-            "kv._internal_kv_put('__autoscaling_status', sys.argv[2], overwrite=True)\n")
+            "key, ns = _raylet.GCS_AUTOSCALER_V2_ENABLED_KEY, _raylet.GCS_AUTOSCALER_STATE_NAMESPACE\n"
+            "kv._internal_kv_put(key, '1', overwrite=True, namespace=ns) if sys.argv[2] == 'on' else "
+            "kv._internal_kv_del(key, namespace=ns)\n")
     env = {**cluster.cli_env(), "RAY_ADDRESS": cluster.info.gcs_address}
-    done = subprocess.run([sys.executable, "-c", code, cluster.info.gcs_address, value or "-"], env=env,
+    done = subprocess.run([sys.executable, "-c", code, cluster.info.gcs_address, "on" if on else "off"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -174,7 +178,7 @@ def test_a_cluster_with_an_autoscaler_is_waited_for_instead_of_refused(cluster, 
     cluster.ensure_nodes(2)
     args = ["python", "-m", "job.train", "--corpus", corpus, "--output", out, "--config", config,
             "--num-workers", "3", "--epochs", "1", "--run-name", "grow"]
-    _set_autoscaling_status(cluster, '{"load_metrics_report": {}}')
+    _announce_autoscaler_v2(cluster, True)
     try:
         job = cluster.start(args)
         deadline = time.monotonic() + 180
@@ -185,7 +189,7 @@ def test_a_cluster_with_an_autoscaler_is_waited_for_instead_of_refused(cluster, 
         cluster.add_node()  # what the autoscaler would do
         result = job.wait(300)
     finally:
-        _set_autoscaling_status(cluster, None)
+        _announce_autoscaler_v2(cluster, False)
     assert result.ok, result.describe()
     assert "the Ray cluster has 2 CPUs but 3 workers x 1 CPUs were asked for: waiting up to 15 min" in result.logs
     assert "the cluster has grown to 3 CPUs" in result.logs

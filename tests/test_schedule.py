@@ -57,3 +57,23 @@ def test_a_finished_epoch_replaces_its_partial_line_wherever_it_stands():
     assert [(m["kind"], m["epoch"]) for m in history] == [("epoch", 1), ("eval", 2), ("epoch", 2)]
     record_evaluation(history, {"kind": "epoch", "epoch": 3, "partial_epoch": False})
     assert len(history) == 4  # a complete epoch line is never replaced
+
+
+def test_budget_action_stops_every_worker_after_the_same_step():
+    from job.schedule import budget_action
+
+    assert budget_action(False, 10.0, 60.0, world=2) is None
+    assert budget_action(False, 61.0, 60.0, world=1) == "stop"  # alone: stop now
+    assert budget_action(False, 61.0, 60.0, world=2) == "signal"  # tell the others through the next all-reduce
+    assert budget_action(True, 10.0, 60.0, world=2) == "stop"  # a worker's flag came back: everyone stops
+    assert budget_action(False, 1e9, float("inf"), world=1) is None
+
+
+def test_step_events_fall_on_their_steps_inside_an_epoch_only():
+    from job.schedule import step_event
+
+    assert step_event(20, True, eval_every=20, checkpoint_every=10) == "evaluate"  # an evaluation checkpoints too
+    assert step_event(30, True, eval_every=20, checkpoint_every=10) == "checkpoint"
+    assert step_event(31, True, eval_every=20, checkpoint_every=10) is None
+    assert step_event(20, False, eval_every=20, checkpoint_every=10) is None  # the epoch's end evaluates anyway
+    assert step_event(20, True, eval_every=0, checkpoint_every=0) is None

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import textgen
 
-from job import storage
+from job import checkpoint, storage
 from job.config import PRESETS, TrainConfig
 from job.tensorboard import EVENT_PREFIX, Board
-from job.worker import Trainer, train_func
+from job.worker import train_func
 
 TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20, "steps_per_call": 2}
 SCALARS = {"train/loss", "train/chars_per_sec", "train/learning_rate", "heldout/loss_nats", "heldout/bits_per_char"}
@@ -71,14 +71,14 @@ def test_a_run_logs_losses_rates_samples_and_its_config(tiny_corpus, tmp_path, m
     out = tmp_path / "out"
     folder = out / "tensorboard" / "run"
     cfg = make_cfg(tiny_corpus, out, eval_every_steps=10)
-    at_checkpoints, save = [], Trainer._save_checkpoint
+    at_checkpoints, save = [], checkpoint.save
 
-    def spy(trainer, directory, states):
+    def spy(directory, model, optimizer, progress, *rest):
         logged = [step for rows in read_events(folder).values() for step, *_ in rows]
-        at_checkpoints.append((trainer.progress.global_step, max(logged)))
-        save(trainer, directory, states)
+        at_checkpoints.append((progress["global_step"], max(logged)))
+        save(directory, model, optimizer, progress, *rest)
 
-    monkeypatch.setattr(Trainer, "_save_checkpoint", spy)
+    monkeypatch.setattr(checkpoint, "save", spy)
     final = train_func(cfg.to_dict())
     # Every checkpoint finds the events up to its step already in the output: a resume from it misses none.
     assert len(at_checkpoints) == len(metrics(out)) and all(a == b for a, b in at_checkpoints)

@@ -22,6 +22,8 @@ from job.config import PRESETS, TrainConfig
 
 pytestmark = pytest.mark.e2e
 
+# The tests' fault injection and weight dumps (tests/train_hooks.py), loaded by every worker.
+HOOKS = {"CHARLSTM_HOOKS": "tests.train_hooks"}
 # Tiny and dropout-free, so that 1- and 2-worker runs are comparable step by step.
 TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20,
         "steps_per_call": 2, "dropout": 0.0, "input_dropout": 0.0}
@@ -56,7 +58,7 @@ def test_two_workers_through_ray_job_submit(ray_cluster, s3_server, job_inputs, 
     dumps = tmp_path / "weights"
     args = ["python", "-m", "job.train", "--corpus", corpus, "--output", out, "--config", config,
             "--num-workers", "2", "--epochs", "2", "--run-name", "e2e", "--seed", "3"]
-    result = ray_cluster.submit(args, env={"CHARLSTM_TEST_DUMP_WEIGHTS": str(dumps)}, timeout=420)
+    result = ray_cluster.submit(args, env={**HOOKS, "CHARLSTM_TEST_DUMP_WEIGHTS": str(dumps)}, timeout=420)
     assert result.ok, result.describe()
     assert "global batch 8 (4 per worker)" in result.logs
     # One line per epoch in the job log (Ray Train's patched print once doubled every line).
@@ -86,6 +88,7 @@ def test_two_workers_through_ray_job_submit(ray_cluster, s3_server, job_inputs, 
                             "in_process": True})
     single_dump = tmp_path / "single-weights"
     with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CHARLSTM_HOOKS", HOOKS["CHARLSTM_HOOKS"])
         mp.setenv("CHARLSTM_TEST_DUMP_WEIGHTS", str(single_dump))
         train_func(single.to_dict())
     single_lines = [json.loads(x) for x in (single_out / "metrics.jsonl").read_text().splitlines()]
@@ -122,7 +125,7 @@ def test_worker_crash_resumes_from_checkpoint(ray_cluster, s3_server, job_inputs
     # work stays under one checkpoint interval.
     steps = _steps_in_first_epoch(corpus, global_batch=8)
     assert 25 <= steps <= 40, steps  # about 6000 chars at 8 x 20 chars per step
-    env = {"CHARLSTM_TEST_CRASH_AT_STEP": str(steps + 1), "CHARLSTM_TEST_CRASH_MARKER": str(marker)}
+    env = {**HOOKS, "CHARLSTM_TEST_CRASH_AT_STEP": str(steps + 1), "CHARLSTM_TEST_CRASH_MARKER": str(marker)}
     args = ["python", "-m", "job.train", "--corpus", corpus, "--output", out, "--config", config,
             "--num-workers", "2", "--epochs", "3", "--run-name", "crash", "--max-failures", "2"]
     result = ray_cluster.submit(args, env=env, timeout=480)
