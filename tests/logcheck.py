@@ -1,5 +1,6 @@
-"""Judge logs by our code's behaviour, not by Ray's: a traceback fails a test only when one of its frames is
-in a file of this repository's job/ or infra/ package.
+"""Judge what a command printed. `run` a CLI; `assert_user_error`: a user error is exactly one error line, the
+last word, exit code 2, no traceback. In logs, a traceback fails a test only when one of its frames is in a
+file of this repository's job/ or infra/ package.
 
 Logs that mix Ray's own output (driver stderr under Ray, `ray job submit` output, job logs) may hold Ray's
 internal tracebacks, e.g. "Failed to stop PlacementGroupCleaner gracefully ... GetTimeoutError" from Ray
@@ -9,7 +10,10 @@ strict `"Traceback" not in ...` check: there any traceback is ours.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,3 +77,36 @@ def assert_no_traceback_from_our_code(text: str) -> None:
     """Fail, showing the block(s), if `text` holds a Python traceback that passes through our code."""
     found = tracebacks_from_our_code(text)
     assert not found, "traceback(s) through our code:\n\n" + "\n\n".join(found)
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m <args>` from the repository root, output captured; `env` adds to this environment."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
+
+
+def _is_error_line(line: str) -> bool:
+    return line.startswith("error: ") or ": error: " in line  # ours, or argparse's "<prog>: error: ..."
+
+
+def assert_one_line_error(text: str, fragment: str, ray_logs: bool = False) -> str:
+    """Exactly one error line, holding `fragment`, and no traceback; returns that line.
+
+    ray_logs: `text` holds a Ray job's logs, where Ray's own processes may log their internal tracebacks;
+    only a traceback through our code fails then. Elsewhere (no Ray) any traceback is ours."""
+    if ray_logs:
+        assert_no_traceback_from_our_code(text)
+    else:
+        assert "Traceback" not in text, text[-3000:]
+    errors = [line for line in text.splitlines() if _is_error_line(line)]
+    assert len(errors) == 1, text[-3000:]
+    assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, fragment: str) -> str:
+    """Exit code 2 and one error line holding `fragment`, the last line printed."""
+    assert proc.returncode == 2, f"rc={proc.returncode}\n{proc.stderr[-3000:]}"
+    line = assert_one_line_error(proc.stderr, fragment)
+    assert [x for x in proc.stderr.splitlines() if x.strip()][-1] == line  # the error is the last word
+    return line

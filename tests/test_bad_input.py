@@ -10,42 +10,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from logcheck import assert_no_traceback_from_our_code
+from logcheck import assert_one_line_error, assert_user_error, run
 
-REPO = Path(__file__).resolve().parents[1]
 MISSING_BUCKET = "charlstm-no-such-bucket"
-
-
-def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=None if env is None else {**os.environ, **env})
-
-
-def assert_one_line_error(text: str, fragment: str, ray_logs: bool = False) -> str:
-    """Exactly one `error: ...` line, holding `fragment`, and no traceback; returns that line.
-
-    ray_logs: `text` holds a Ray job's logs, where Ray's own processes may log their internal tracebacks;
-    only a traceback through our code fails then. Elsewhere (no Ray) any traceback is ours."""
-    if ray_logs:
-        assert_no_traceback_from_our_code(text)
-    else:
-        assert "Traceback" not in text, text[-3000:]
-    errors = [line for line in text.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, text[-3000:]
-    assert fragment in errors[0], errors[0]
-    return errors[0]
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, fragment: str) -> str:
-    assert proc.returncode == 2, f"rc={proc.returncode}\n{proc.stderr[-3000:]}"
-    line = assert_one_line_error(proc.stderr, fragment)
-    assert [x for x in proc.stderr.splitlines() if x.strip()][-1] == line  # the error is the last word
-    return line
 
 
 @pytest.fixture

@@ -1,25 +1,9 @@
 """Bad input: one clear line on stderr, exit code 2, no traceback, nothing written to --output."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: ") or lines[-1].startswith("usage:") or "error:" in lines[-1]
-    assert fragment in proc.stderr, proc.stderr
+from logcheck import assert_user_error, run
 
 
 def corpus_file(tmp_path: Path, content: bytes) -> str:
