@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import textgen
 import yaml
+from tiny import EXACT
 
 from job.config import PRESETS, TrainConfig
 
 pytestmark = pytest.mark.e2e
 
-TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20,
-        "steps_per_call": 2, "dropout": 0.0, "input_dropout": 0.0}
+TINY = EXACT
 
 
 def _key(url: str) -> str:

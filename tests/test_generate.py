@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import textgen
+from tiny import TINY
 
 from job.config import PRESETS, TrainConfig
 from job.worker import train_func
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"units": [24], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 10, "epochs": 1}
+TINY = {**TINY, "units": [24], "sample_chars": 10, "epochs": 1, "steps_per_call": 4}
 
 
 @pytest.fixture(scope="module")

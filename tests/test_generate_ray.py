@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import textgen
+from tiny import TINY
 
 from job.config import PRESETS, TrainConfig
 from job.worker import train_func
@@ -21,7 +22,7 @@ from job.worker import train_func
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"units": [24], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 10, "epochs": 1}
+TINY = {**TINY, "units": [24], "sample_chars": 10, "epochs": 1, "steps_per_call": 4}
 
 
 @pytest.fixture(scope="module")

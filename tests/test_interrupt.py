@@ -22,13 +22,13 @@ import textgen
 import yaml
 from e2e_helpers import pid_alive
 from logcheck import assert_no_traceback_from_our_code
+from tiny import EXACT
 
 from job import session, storage
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_WORKER_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=")
-TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20, "steps_per_call": 2,
-        "dropout": 0.0, "input_dropout": 0.0}
+TINY = EXACT
 
 
 def _inputs(tmp_path: Path) -> tuple[str, str]:

@@ -18,12 +18,12 @@ import yaml
 from e2e_helpers import wait_until_gone
 from logcheck import assert_no_traceback_from_our_code
 from textgen import story
+from tiny import TINY
 
 from job import report
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20, "steps_per_call": 2,
-        "epochs": 2}
+TINY = {**TINY, "epochs": 2}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RAY_PREFIX = re.compile(r"^\((\w+) pid=\d+(?:, ip=[\d.]+)?\) ")
 # Our lines: set-up, dataset, per-interval and per-evaluation lines, generation progress, the final JSON.

@@ -21,14 +21,14 @@ import e2e_helpers
 import pytest
 import textgen
 import yaml
+from tiny import EXACT
 
 from job.config import PRESETS, TrainConfig
 
 pytestmark = pytest.mark.e2e
 
 # Tiny and dropout-free, so that runs on 1 and 2 workers are comparable step by step.
-TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20,
-        "steps_per_call": 2, "dropout": 0.0, "input_dropout": 0.0}
+TINY = EXACT
 INTERVAL = 10  # --checkpoint-every-steps
 EPOCHS = 2
 # Ray Train waits this long for a worker group it believes fits (the AutoscalingCoordinator still counts the

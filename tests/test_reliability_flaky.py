@@ -26,12 +26,12 @@ import textgen
 import yaml
 from faulty_proxy import FaultyProxy
 from logcheck import assert_no_traceback_from_our_code
+from tiny import EXACT
 
 from job.config import PRESETS, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20, "steps_per_call": 2,
-        "dropout": 0.0, "input_dropout": 0.0}
+TINY = EXACT
 CANARY_SECRET = f"charlstm-SECRET-canary-{uuid.uuid4().hex}"
 CANARY_KEY_ID = "CHARLSTMCANARYKEY"
 TRAIN_FLAGS = ["--num-workers", "1", "--epochs", "2", "--run-name", "flaky", "--seed", "5",

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20, "steps_per_call": 2}
 
 
 def _snapshot(folder: Path) -> dict[str, str]:

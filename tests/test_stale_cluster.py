@@ -18,12 +18,12 @@ import pytest
 import yaml
 from e2e_helpers import wait_until_gone
 from textgen import story
+from tiny import EXACT
 
 from job import storage
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20, "steps_per_call": 2,
-        "dropout": 0.0, "input_dropout": 0.0, "epochs": 2}
+TINY = {**EXACT, "epochs": 2}
 # What Ray prints when its actors query the wrong cluster (or none).
 WRONG_CLUSTER = ("PlacementGroupCleaner", "Failed to query Ray Train Controller", "Timed out while waiting for GCS",
                  "Found multiple active Ray instances")

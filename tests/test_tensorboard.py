@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import textgen
+from tiny import TINY
 
 from job import checkpoint, storage
 from job.config import PRESETS, TrainConfig
 from job.tensorboard import EVENT_PREFIX, Board
 from job.worker import train_func
 
-TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20, "steps_per_call": 2}
 SCALARS = {"train/loss", "train/chars_per_sec", "train/learning_rate", "heldout/loss_nats", "heldout/bits_per_char"}
 
 

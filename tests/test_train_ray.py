@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import textgen
 import yaml
+from tiny import EXACT
 
 from job.config import PRESETS, TrainConfig
 
@@ -25,8 +26,7 @@ pytestmark = pytest.mark.e2e
 # The tests' fault injection and weight dumps (tests/train_hooks.py), loaded by every worker.
 HOOKS = {"CHARLSTM_HOOKS": "tests.train_hooks"}
 # Tiny and dropout-free, so that 1- and 2-worker runs are comparable step by step.
-TINY = {"units": [16], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20,
-        "steps_per_call": 2, "dropout": 0.0, "input_dropout": 0.0}
+TINY = EXACT
 
 
 def upload(s3_server, key: str, body: bytes) -> str:

@@ -6,13 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import textgen
+from tiny import TINY
 
 from job import corpus, export
 from job.config import PRESETS, TrainConfig
 from job.evaluate import evaluate
 from job.worker import train_func
 
-TINY = {"units": [24, 24], "embed_dim": 8, "batch_size": 4, "seq_len": 20, "sample_chars": 20, "steps_per_call": 2}
+TINY = {**TINY, "units": [24, 24]}
 
 
 @pytest.fixture(scope="module")
