@@ -30,6 +30,7 @@ import re
 import sys
 from typing import Any
 
+from job import storage
 from job.errors import UserError, run_cli
 
 DEFAULT_PREFIXES = ("corpora/", "runs/", "generations/")
@@ -137,7 +138,7 @@ def validate_bucket_name(name: str) -> None:
 
 
 def default_region() -> str:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return storage.aws_region() or "us-east-1"  # the job's own reading of the environment
 
 
 def s3_client(region: str):
@@ -151,7 +152,7 @@ def s3_client(region: str):
 
 
 def is_custom_endpoint(s3) -> bool:
-    return "amazonaws.com" not in (s3.meta.endpoint_url or "")
+    return storage.is_custom_endpoint(s3.meta.endpoint_url or "")
 
 
 def _error_code(exc) -> str:
@@ -277,7 +278,7 @@ def parser() -> argparse.ArgumentParser:
         description="Create the S3 bucket for charlstm (versioned, private, encrypted); safe to re-run.",
     )
     p.add_argument("--bucket", required=True, help="Bucket name (global on AWS).")
-    p.add_argument("--region", help="AWS region (default: AWS_REGION / AWS_DEFAULT_REGION, else us-east-1).")
+    p.add_argument("--region", help="AWS region (default: AWS_DEFAULT_REGION / AWS_REGION, else us-east-1).")
     p.add_argument("--prefix", action="append", dest="prefixes", metavar="PREFIX",
                    help="A key prefix the job may use, for --policy-out (repeatable; "
                    f"default: {' '.join(DEFAULT_PREFIXES)}).")

@@ -165,7 +165,7 @@ def s3_filesystem() -> s3fs.S3FileSystem:
 
         client_kwargs = {}
         if os.environ.get("AWS_REGION") and not os.environ.get("AWS_DEFAULT_REGION"):
-            client_kwargs["region_name"] = os.environ["AWS_REGION"]
+            client_kwargs["region_name"] = aws_region()
         fs = s3fs.S3FileSystem(
             skip_instance_cache=True,
             use_listings_cache=False,  # other processes (Ray workers) write concurrently: always ask S3
@@ -183,7 +183,14 @@ def s3_endpoint() -> str:
     return s3_filesystem().s3.meta.endpoint_url
 
 
-def _is_custom_endpoint(endpoint: str) -> bool:
+def aws_region() -> str | None:
+    """The region from the environment, in botocore's order (AWS_DEFAULT_REGION, then AWS_REGION, which botocore
+    itself does not read); None leaves it to botocore's config files. infra/create_bucket uses this too."""
+    return os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None
+
+
+def is_custom_endpoint(endpoint: str) -> bool:
+    """True for MinIO and other S3-compatible stores; False for AWS (its host names end in amazonaws.com[.cn])."""
     host = (urlsplit(endpoint).hostname or "").lower()
     return not (host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn"))
 
@@ -215,7 +222,7 @@ def pyarrow_filesystem(url: str) -> tuple[pyarrow.fs.FileSystem | None, str]:
         "request_timeout": _env_float("CHARLSTM_S3_READ_TIMEOUT", DEFAULT_READ_TIMEOUT),
         "allow_delayed_open": True,
     }
-    if _is_custom_endpoint(endpoint):
+    if is_custom_endpoint(endpoint):
         parts = urlsplit(endpoint)
         options.update(endpoint_override=parts.netloc, scheme=parts.scheme or "https")
     return _rebuild_pyarrow_s3(options, _max_attempts()), _s3_path(url)

@@ -357,3 +357,19 @@ def test_prefixes_are_normalised(prefix, expected):
 def test_whole_bucket_or_wildcard_prefixes_are_refused(prefix):
     with pytest.raises(UserError):
         cb.normalise_prefix(prefix)
+
+
+def test_bucket_setup_reads_region_and_endpoint_as_the_job_does(monkeypatch):
+    """One reading of the environment for the job and the bucket tool: botocore's region order, AWS host names."""
+    from job import storage
+
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-southeast-2")
+    assert cb.default_region() == storage.aws_region() == "ap-southeast-2"  # botocore reads AWS_DEFAULT_REGION
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    assert cb.default_region() == "eu-west-3"
+    monkeypatch.delenv("AWS_REGION")
+    assert cb.default_region() == "us-east-1" and storage.aws_region() is None
+    for url, custom in [("https://s3.eu-west-1.amazonaws.com", False), ("https://s3.cn-north-1.amazonaws.com.cn",
+                        False), ("http://minio:9000", True), ("https://amazonaws.com.evil.example", True)]:
+        assert storage.is_custom_endpoint(url) is custom, url
