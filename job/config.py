@@ -60,81 +60,110 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
+DATA, MODEL, TRAINING, JOB = "corpus and data", "model (the preset sets these)", "training", \
+    "distributed job (Ray Train) and outputs"
+
+
+def setting(default: Any, help: str, group: str = TRAINING, *, choices: tuple[str, ...] | None = None,
+            export: bool = False, flag: bool = True, type: Any = None) -> Any:  # noqa: A002 - argparse's name
+    """A TrainConfig field and everything that is said of it: its flag's help, argparse group and choices,
+    whether model/config.json records it (export), and whether it is a flag at all."""
+    meta = {"help": help, "group": group, "choices": choices, "export": export, "flag": flag, "type": type}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
-    """Everything one training run needs; passed unchanged to every Ray worker. The defaults are the `default`
-    preset's (tests/test_config.py holds them equal); a preset overrides some of them."""
+    """Everything one training run needs; passed unchanged to every Ray worker. The one schema of the settings:
+    the flags of `python -m job.train`, their help and defaults, type coercion of config files and the export
+    list all come from these fields. The defaults are the `default` preset's (tests/test_config.py holds them
+    equal); a preset overrides some of them."""
 
-    corpus: str = DEFAULT_CORPUS_URL
-    output: str = ""
-    # Prepared dataset (train.bin / val.bin / meta.json, job.prepare); default <output>/data. Prepared from
-    # --corpus when it holds none for the same files and options, reused otherwise.
-    dataset: str | None = None
-    min_char_count: int | None = None  # None: auto (1 below 20M chars: every character kept)
-    skip_bad_files: bool = False
-    preset: str = "default"
-    # Model / optimisation (preset fills these).
-    input_mode: str = "embedding"
-    embed_dim: int = 64
-    units: list[int] = field(default_factory=lambda: [192, 192])
-    dropout: float = 0.6
-    target: str = "all"
-    stateful: bool = True
-    batch_size: int = 64
-    epochs: int = 100
-    seq_len: int = 50
-    learning_rate: float = 6e-3
-    clip_norm: float = 5.0
-    select_by: str = "val_loss"
-    # Regularisation and schedule (the tutorial presets use none of these).
-    input_dropout: float = 0.2  # dropout on the embeddings fed to the first LSTM
-    weight_decay: float = 0.1  # decoupled (AdamW) weight decay; biases excluded
-    lr_decay: float = 0.5  # multiply the learning rate by this after `lr_patience` epochs without improvement
-    lr_patience: int = 3
-    # Fraction of the run (by --max-minutes or by steps, whichever ends it first) over which the learning
-    # rate is cosine-annealed to zero at the end; 0 keeps it constant apart from plateau decays.
-    lr_anneal: float = 0.3
-    # Data.
-    val_fraction: float = 0.1
-    keep_case: bool = False
-    seed: int = 0
-    max_minutes: float | None = None
-    # Sample written each epoch.
-    sample_chars: int = 300
-    # Cap on held-out windows scored each epoch for last-target presets (full set in job.evaluate).
-    val_max_windows: int = 2000
-    # Cap on held-out characters scored per evaluation for all-position presets: an evenly spread, fixed
-    # subset of windows (the whole held-out part in job.evaluate).
-    val_max_chars: int = 1_000_000
-    # Also evaluate (held-out loss, sample, best-model export, checkpoint) every N optimizer steps; 0: epoch ends.
-    eval_every_steps: int = 0
-    # A progress line (step, loss, chars/s, ETA) at most this often; 0: none between evaluations.
-    log_every_seconds: float = 30.0
-    # Distributed job (Ray Train). An elastic run (--num-workers MIN-MAX) trains on as many workers as the
-    # cluster has, between min_workers and num_workers; min_workers 0 means a fixed num_workers.
-    num_workers: int = 1
-    min_workers: int = 0
-    # The batch of one optimizer step over all workers; 0: batch_size x num_workers. Fixed for the whole run:
-    # each worker trains global / (workers alive) windows, so the data order never depends on the worker count.
-    global_batch_size: int = 0
-    # When the cluster cannot fit the workers yet: minutes to wait for it to grow (None: 15 where Ray's autoscaler
-    # v2 runs, else refuse at once; job.cluster).
-    capacity_wait_minutes: float | None = None
-    # Ray placement group strategy for the workers: PACK fills nodes, SPREAD puts them on distinct nodes.
-    placement_strategy: str = "PACK"
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    run_name: str | None = None
-    max_failures: int = 3
-    checkpoint_every_steps: int = 0
-    checkpoints_to_keep: int = 2
-    precision: str = "float32"
-    # Train in this process without Ray (one worker): debugging, notebooks, benchmarks.
-    in_process: bool = False
-    # Show TensorFlow's C++ notices and Ray Train's per-report INFO lines (quiet by default).
-    verbose: bool = False
-    # Steps run inside one compiled call (fewer Python round trips; a speed knob only).
-    steps_per_call: int = 4
+    corpus: str = setting(DEFAULT_CORPUS_URL, "UTF-8 text: a file, a folder / prefix (every file below it, "
+                          "sorted) or a glob (s3://bucket/books/*.txt); s3://, https://, file:// or a local path. "
+                          "Default: Alice in Wonderland on Project Gutenberg.", DATA)
+    output: str = setting("", "Where results go: local folder or s3://bucket/prefix (required).", JOB)
+    dataset: str | None = setting(None, "Prepared dataset URL (python -m job.prepare); default <output>/data. "
+                                  "Prepared there from --corpus unless it already holds one for the same files "
+                                  "and options.", DATA)
+    min_char_count: int | None = setting(None, "Characters seen fewer times map to one unknown id that generation "
+                                         "never emits (default: auto, 1 per 10M corpus chars: small corpora keep "
+                                         "every char).", DATA)
+    skip_bad_files: bool = setting(False, "Skip (and count) empty, binary or non-UTF-8 files of a many-file corpus "
+                                   "instead of failing.", DATA)
+    val_fraction: float = setting(0.1, "Held-out fraction: the last part of each cleaned file.", DATA, export=True)
+    keep_case: bool = setting(False, "Keep upper case (default: lowercase, as the tutorial does).", DATA,
+                              export=True)
+    preset: str = setting("default", "Model preset: seed-small / seed-large reproduce the tutorial's two models; "
+                          "default is our stateful stacked LSTM, gpu the same sized for one GPU per worker "
+                          "(default: default).", MODEL, choices=tuple(PRESETS), export=True)
+    input_mode: str = setting("embedding", "Input: learned embedding of ids, or the tutorial's id / vocab size.",
+                              MODEL, choices=("embedding", "scaled"), export=True)
+    embed_dim: int = setting(64, "Embedding width (input_mode embedding).", MODEL, export=True)
+    units: list[int] = setting([192, 192], "LSTM sizes, one per layer.", MODEL, export=True)
+    dropout: float = setting(0.6, "Dropout after each LSTM.", MODEL, export=True)
+    input_dropout: float = setting(0.2, "Dropout on the embeddings fed to the first LSTM.", MODEL, export=True)
+    target: str = setting("all", "Loss on every position of a window, or on its last character (the tutorial).",
+                          MODEL, choices=("all", "last"), export=True)
+    stateful: bool = setting(True, "Carry LSTM states across consecutive windows (char-rnn's layout; target all).",
+                             MODEL, export=True)
+    seq_len: int = setting(50, "Window length in characters (the tutorial: 100).", MODEL, export=True)
+    batch_size: int = setting(64, "Per-worker batch size (global batch = this x workers, unless "
+                              "--global-batch-size is given).", TRAINING, export=True)
+    epochs: int = setting(100, "Passes over the training text.")
+    max_minutes: float | None = setting(None, "Wall-clock budget; stops cleanly after the step that crosses it, "
+                                        "keeping the best model (default: none).")
+    learning_rate: float = setting(6e-3, "Adam(W) learning rate.", export=True)
+    clip_norm: float = setting(5.0, "Clip the global gradient norm to this (0: off).", export=True)
+    weight_decay: float = setting(0.1, "Decoupled (AdamW) weight decay, biases excluded (0: Adam).", export=True)
+    lr_decay: float = setting(0.5, "Multiply the learning rate by this after --lr-patience epochs without "
+                              "improvement (1: never).", export=True)
+    lr_patience: int = setting(3, "Epochs without improvement before --lr-decay.", export=True)
+    lr_anneal: float = setting(0.3, "Fraction of the run (by --max-minutes or by steps, whichever ends it first) "
+                               "over which the learning rate is cosine-annealed to zero (0: off).", export=True)
+    select_by: str = setting("val_loss", "Which loss picks the exported model.", choices=("val_loss", "train_loss"))
+    seed: int = setting(0, "Random seed for weights, shuffling and dropout.", export=True)
+    precision: str = setting("float32", "float32, or mixed_float16 / mixed_bfloat16 on GPUs.", choices=PRECISIONS,
+                             export=True)
+    steps_per_call: int = setting(4, "Optimizer steps inside one compiled call (fewer Python round trips; speed "
+                                  "only).")
+    sample_chars: int = setting(300, "Characters of the sample written at each evaluation.", JOB)
+    val_max_windows: int = setting(2000, "Held-out windows scored per evaluation for last-character presets "
+                                   "(job.evaluate scores them all).", JOB)
+    val_max_chars: int = setting(1_000_000, "Held-out characters scored per evaluation: an even, fixed subset "
+                                 "(job.evaluate scores them all).", JOB)
+    eval_every_steps: int = setting(0, "Also evaluate, write outputs and checkpoint every N optimizer steps "
+                                    "(0: at epoch ends only).", JOB)
+    log_every_seconds: float = setting(30.0, "Progress line (step, loss, chars/s, ETA) at most every N seconds "
+                                       "(0: off).", JOB)
+    # An elastic run (--num-workers MIN-MAX) trains on as many workers as the cluster has, between min_workers
+    # and num_workers; min_workers 0 means a fixed num_workers.
+    num_workers: int = setting(1, "Ray Train workers: N, or MIN-MAX for an elastic run that trains on what the "
+                               "cluster has and grows back when nodes join.", JOB, type=str)
+    min_workers: int = setting(0, "", JOB, flag=False)
+    global_batch_size: int = setting(0, "Windows per optimizer step over all workers, fixed whatever the worker "
+                                     "count (default: --batch-size x the largest worker count).", JOB)
+    use_gpu: bool = setting(False, "One GPU per worker.", JOB)
+    cpus_per_worker: float = setting(1.0, "CPUs reserved per worker (and its TensorFlow threads).", JOB)
+    placement_strategy: str = setting("PACK", "Where Ray puts the workers: PACK fills nodes, SPREAD one per node "
+                                      "if it can.", JOB, choices=PLACEMENTS)
+    capacity_wait_minutes: float | None = setting(None, "Minutes to wait for the cluster to grow to fit the "
+                                                  "workers (default: 15 where Ray's autoscaler v2 runs, else 0: a "
+                                                  "cluster that cannot fit them is refused at once).", JOB)
+    run_name: str | None = setting(None, "Run name (default: run): checkpoints go to <output>/checkpoints/<name>/; "
+                                   "re-submitting the same name and --output resumes the run, with the same "
+                                   "settings.", JOB)
+    max_failures: int = setting(3, "Worker-group restarts allowed before failing.", JOB)
+    checkpoint_every_steps: int = setting(0, "Also checkpoint every N optimizer steps (0: only at evaluations).",
+                                          JOB)
+    checkpoints_to_keep: int = setting(2, "Checkpoints kept in storage (Ray's num_to_keep, ranked by held-out "
+                                       "loss).", JOB)
+    in_process: bool = setting(False, "Train in this process without Ray (one worker only); same outputs and "
+                               "resume.", JOB)
+    verbose: bool = setting(False, "Also show TensorFlow's C++ notices and Ray Train's INFO lines (default: "
+                            "quiet).", JOB)
 
     @property
     def run(self) -> str:
@@ -245,74 +274,50 @@ def parse_workers(value: Any) -> tuple[int, int]:
     return (low, high) if low < high else (0, high)
 
 
+# What model/config.json records of the settings: what the model is and how it was trained (not where it ran).
+EXPORTED_SETTINGS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("export"))
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
 
 
 def train_parser(preset: str = "default") -> argparse.ArgumentParser:
-    """The flags of `python -m job.train`; each help ends with the default that `preset` gives it."""
+    """The flags of `python -m job.train`, one per TrainConfig setting; each help ends with the default that
+    `preset` gives it. Every flag defaults to None, meaning "not given": presets and --config fill the rest."""
     p = argparse.ArgumentParser(
         prog="python -m job.train",
         description="Train a character-level LSTM on a text corpus with Ray Train "
-        "(MultiWorkerMirroredStrategy); checkpoints and the exported model go to --output.",
+        "(MultiWorkerMirroredStrategy); checkpoints and the exported model go to --output. "
+        "Precedence: preset < --config file < flags.",
     )
-    p.add_argument("--corpus", help="UTF-8 text: a file, a folder / prefix (every file below it, sorted) or a glob "
-                   "(s3://bucket/books/*.txt); s3://, https://, file:// or a local path. "
-                   f"Default: Alice in Wonderland on Project Gutenberg ({DEFAULT_CORPUS_URL}).")
-    p.add_argument("--dataset", help="Prepared dataset URL (python -m job.prepare); default <output>/data. "
-                   "Prepared there from --corpus unless it already holds one for the same files and options.")
-    p.add_argument("--min-char-count", type=int, help="Characters seen fewer times map to one unknown id that "
-                   "generation never emits (default: auto, 1 per 10M corpus chars: small corpora keep every char).")
-    p.add_argument("--skip-bad-files", action="store_true", default=None,
-                   help="Skip (and count) empty, binary or non-UTF-8 files of a many-file corpus instead of failing.")
-    p.add_argument("--output", help="Where results go: local folder or s3://bucket/prefix (required).")
-    p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="Model preset: seed-small / seed-large reproduce the tutorial's two models; "
-                   "default is our stateful stacked LSTM (default: default).")
-    p.add_argument("--epochs", type=int, help="Passes over the training text.")
-    p.add_argument("--max-minutes", type=float,
-                   help="Wall-clock budget; stops cleanly after the step that crosses it, keeping the best model.")
-    p.add_argument("--seq-len", type=int, help="Window length in characters (the tutorial: 100).")
-    p.add_argument("--batch-size", type=int, help="Per-worker batch size (global batch = this x workers, "
-                   "unless --global-batch-size is given).")
-    p.add_argument("--val-fraction", type=float,
-                   help="Held-out fraction: the last part of each cleaned file.")
-    p.add_argument("--keep-case", action="store_true", default=None,
-                   help="Keep upper case (default: lowercase, as the tutorial does).")
-    p.add_argument("--seed", type=int, help="Random seed for weights, shuffling and dropout.")
     p.add_argument("--config", help="YAML or JSON file with any of these settings (flags win).")
-    g = p.add_argument_group("distributed job (Ray Train)")
-    g.add_argument("--num-workers", help="Ray Train workers: N, or MIN-MAX for an elastic run that trains on "
-                   "what the cluster has and grows back when nodes join (default 1).")
-    g.add_argument("--global-batch-size", type=int, help="Windows per optimizer step over all workers, fixed "
-                   "whatever the worker count (default: --batch-size x the largest worker count).")
-    g.add_argument("--capacity-wait-minutes", type=float,
-                   help="Minutes to wait for the cluster to grow to fit the workers (default: 15 where Ray's "
-                   "autoscaler v2 runs, else 0: a cluster that cannot fit them is refused at once).")
-    g.add_argument("--placement-strategy", choices=PLACEMENTS,
-                   help="Where Ray puts the workers: PACK fills nodes, SPREAD one per node if it can.")
-    g.add_argument("--use-gpu", action="store_true", default=None, help="One GPU per worker.")
-    g.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (and its TensorFlow threads).")
-    g.add_argument("--run-name", help="Run name (default: run): checkpoints go to <output>/checkpoints/<name>/; "
-                   "re-submitting the same name and --output resumes the run, with the same settings.")
-    g.add_argument("--max-failures", type=int, help="Worker-group restarts allowed before failing.")
-    g.add_argument("--checkpoint-every-steps", type=int,
-                   help="Also checkpoint every N optimizer steps (0: only at evaluations).")
-    g.add_argument("--eval-every-steps", type=int,
-                   help="Also evaluate, write outputs and checkpoint every N optimizer steps (0: at epoch ends only).")
-    g.add_argument("--log-every-seconds", type=float,
-                   help="Progress line (step, loss, chars/s, ETA) at most every N seconds (0: off).")
-    g.add_argument("--val-max-chars", type=int,
-                   help="Held-out characters scored per evaluation: an even, fixed subset.")
-    g.add_argument("--precision", choices=PRECISIONS,
-                   help="float32, or mixed_float16 / mixed_bfloat16 on GPUs.")
-    g.add_argument("--in-process", action="store_true", default=None,
-                   help="Train in this process without Ray (one worker only); same outputs and resume.")
-    p.add_argument("--verbose", action="store_true", default=None,
-                   help="Also show TensorFlow's C++ notices and Ray Train's INFO lines (default: quiet).")
+    groups = {name: p.add_argument_group(name) for name in (DATA, MODEL, TRAINING, JOB)}
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if not meta.get("flag", True):
+            continue
+        group = groups[meta["group"]]
+        kind, kwargs = _base_type(hints[f.name]), {"help": meta["help"], "default": None}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction if f.default is True else "store_true"
+        elif typing.get_origin(kind) is list:
+            kwargs.update(nargs="+", type=int, metavar="N")
+        else:
+            kwargs.update(type=meta["type"] or kind, choices=meta["choices"])
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     _add_defaults_to_help(p, preset)
     return p
+
+
+def _base_type(hint: Any) -> Any:
+    """`X | None` -> X; anything else as it is."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return hint
 
 
 def _add_defaults_to_help(parser: argparse.ArgumentParser, preset: str) -> None:
@@ -321,8 +326,8 @@ def _add_defaults_to_help(parser: argparse.ArgumentParser, preset: str) -> None:
     defaults = {**TrainConfig().to_dict(), **PRESETS.get(preset, {})}
     for action in parser._actions:
         value = defaults.get(action.dest)
-        explained = action.help is None or "default" in action.help  # e.g. "(default: --batch-size x ...)"
-        if not explained and action.dest != "preset" and value is not None and value is not False:
+        explained = action.help is None or "default" in action.help.lower()  # "(default: --batch-size x ...)"
+        if not explained and action.dest != "preset" and not (value is None or value is False or value == ""):
             shown = ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" \
                 if isinstance(value, float) else value
             action.help += f" [{preset}: {shown}]"
@@ -398,9 +403,7 @@ def _coerce_types(cfg: TrainConfig) -> None:
         value = getattr(cfg, f.name)
         if value is None:
             continue
-        kind = hints[f.name]
-        if type(None) in typing.get_args(kind):  # X | None
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        kind = _base_type(hints[f.name])
         try:
             if kind is int:
                 if isinstance(value, bool) or float(value) != int(float(value)):

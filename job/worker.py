@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from job import checkpoint, data, report, storage
-from job.config import TrainConfig
+from job.config import EXPORTED_SETTINGS, TrainConfig
 from job.errors import check_interrupt, deferred_interrupts
 from job.evaluate import HeldOutScorer
 from job.schedule import (
@@ -523,16 +523,10 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         last = p.history[-1]
         return {
-            **{k: getattr(cfg, k) for k in EXPORTED},
+            **{k: getattr(cfg, k) for k in EXPORTED_SETTINGS},
             "corpus": cfg.corpus, "dataset": cfg.data_url, "corpus_sha256": self.dataset.meta["corpus_sha256"],
             "epoch": last["epoch"],
             "global_step": p.global_step, "val_loss": last["val_loss"], "val_bpc": last["val_bpc"],
             "train_loss": last["train_loss"], "workers": self.world, "global_batch": self.global_batch,
             "lowercase": not cfg.keep_case,
         }
-
-
-# The settings model/config.json carries: what the model is and how it was trained (not where a run ran).
-EXPORTED = ("preset", "input_mode", "embed_dim", "units", "dropout", "target", "stateful", "seq_len", "batch_size",
-            "learning_rate", "clip_norm", "val_fraction", "keep_case", "seed", "precision", "input_dropout",
-            "weight_decay", "lr_decay", "lr_patience", "lr_anneal")

@@ -163,3 +163,20 @@ def test_help_shows_the_default_each_preset_gives(preset, capsys):
     values = {**TrainConfig().to_dict(), **PRESETS[preset]}
     assert f"--seq-len SEQ_LEN Window length in characters (the tutorial: 100). [{preset}: {values['seq_len']}]" in text
     assert f"[{preset}: {values['batch_size']}]" in text and f"[{preset}: {values['epochs']}]" in text
+
+
+def test_every_setting_is_a_flag_generated_from_the_schema():
+    """One schema: each TrainConfig field is a flag (min_workers comes from --num-workers MIN-MAX), typed as the
+    field, and a flag given wins over the preset."""
+    from dataclasses import fields
+
+    from job.config import train_parser
+
+    flags = {a.dest for a in train_parser()._actions}
+    assert {f.name for f in fields(TrainConfig)} - flags == {"min_workers"}
+    cfg = load_train_config(BASE + ["--units", "32", "16", "--no-stateful", "--target", "last", "--dropout", "0.1",
+                                    "--learning-rate", "0.01", "--preset", "gpu", "--steps-per-call", "2"])
+    assert cfg.units == [32, 16] and cfg.stateful is False and cfg.target == "last" and cfg.dropout == 0.1
+    assert cfg.learning_rate == 0.01 and cfg.embed_dim == PRESETS["gpu"]["embed_dim"] and cfg.steps_per_call == 2
+    with pytest.raises(SystemExit):
+        load_train_config(BASE + ["--units", "many"])
