@@ -10,10 +10,10 @@ import argparse
 import dataclasses
 import json
 import math
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from job import schema
 from job.errors import UserError
 
 # Project Gutenberg book 11, plain-text UTF-8 (the tutorial's corpus).
@@ -64,14 +64,9 @@ DATA, MODEL, TRAINING, JOB = "corpus and data", "model (the preset sets these)",
     "distributed job (Ray Train) and outputs"
 
 
-def setting(default: Any, help: str, group: str = TRAINING, *, choices: tuple[str, ...] | None = None,
-            export: bool = False, flag: bool = True, type: Any = None) -> Any:  # noqa: A002 - argparse's name
-    """A TrainConfig field and everything that is said of it: its flag's help, argparse group and choices,
-    whether model/config.json records it (export), and whether it is a flag at all."""
-    meta = {"help": help, "group": group, "choices": choices, "export": export, "flag": flag, "type": type}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
+def setting(default: Any, help: str, group: str = TRAINING, **kwargs: Any) -> Any:  # noqa: A002 - argparse's name
+    """job.schema.setting, in the "training" group unless another is named."""
+    return schema.setting(default, help, group, **kwargs)
 
 
 @dataclass
@@ -284,8 +279,8 @@ def _check(ok: bool, message: str) -> None:
 
 
 def train_parser(preset: str = "default") -> argparse.ArgumentParser:
-    """The flags of `python -m job.train`, one per TrainConfig setting; each help ends with the default that
-    `preset` gives it. Every flag defaults to None, meaning "not given": presets and --config fill the rest."""
+    """The flags of `python -m job.train`, one per TrainConfig setting (job.schema); each help ends with the
+    default that `preset` gives it."""
     p = argparse.ArgumentParser(
         prog="python -m job.train",
         description="Train a character-level LSTM on a text corpus with Ray Train "
@@ -293,44 +288,10 @@ def train_parser(preset: str = "default") -> argparse.ArgumentParser:
         "Precedence: preset < --config file < flags.",
     )
     p.add_argument("--config", help="YAML or JSON file with any of these settings (flags win).")
-    groups = {name: p.add_argument_group(name) for name in (DATA, MODEL, TRAINING, JOB)}
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        meta = f.metadata
-        if not meta.get("flag", True):
-            continue
-        group = groups[meta["group"]]
-        kind, kwargs = _base_type(hints[f.name]), {"help": meta["help"], "default": None}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction if f.default is True else "store_true"
-        elif typing.get_origin(kind) is list:
-            kwargs.update(nargs="+", type=int, metavar="N")
-        else:
-            kwargs.update(type=meta["type"] or kind, choices=meta["choices"])
-        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-    _add_defaults_to_help(p, preset)
-    return p
-
-
-def _base_type(hint: Any) -> Any:
-    """`X | None` -> X; anything else as it is."""
-    args = typing.get_args(hint)
-    if type(None) in args:
-        return next(a for a in args if a is not type(None))
-    return hint
-
-
-def _add_defaults_to_help(parser: argparse.ArgumentParser, preset: str) -> None:
-    """Append `[preset P: V]` to each setting's help: the value it takes unless a flag or --config sets it. Values
-    that mean "decided at run time" (None) are explained in the help itself."""
+    schema.add_flags(p, TrainConfig, (DATA, MODEL, TRAINING, JOB))
     defaults = {**TrainConfig().to_dict(), **PRESETS.get(preset, {})}
-    for action in parser._actions:
-        value = defaults.get(action.dest)
-        explained = action.help is None or "default" in action.help.lower()  # "(default: --batch-size x ...)"
-        if not explained and action.dest != "preset" and not (value is None or value is False or value == ""):
-            shown = ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" \
-                if isinstance(value, float) else value
-            action.help += f" [{preset}: {shown}]"
+    schema.add_defaults_to_help(p, {k: v for k, v in defaults.items() if k != "preset"}, preset)
+    return p
 
 
 def _preset_in(argv: list[str] | None) -> str:
@@ -378,7 +339,7 @@ def _read_config_file(path: str) -> dict[str, Any]:
 def load_train_config(argv: list[str] | None = None) -> TrainConfig:
     """Parse flags (and an optional config file) into a validated TrainConfig."""
     args = train_parser(_preset_in(argv)).parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+    flags = schema.given(args, TrainConfig)
     from_file = _read_config_file(args.config) if args.config else {}
     preset = flags.get("preset") or from_file.get("preset") or "default"
     if preset not in PRESETS:
@@ -390,30 +351,7 @@ def load_train_config(argv: list[str] | None = None) -> TrainConfig:
         cfg = TrainConfig(**merged)
     except TypeError as exc:
         raise UserError(f"invalid settings: {exc}") from None
-    _coerce_types(cfg)
+    schema.coerce(cfg, UserError)
     if cfg.corpus is None:
         cfg.corpus = DEFAULT_CORPUS_URL
     return cfg.validate()
-
-
-def _coerce_types(cfg: TrainConfig) -> None:
-    """Config files may give numbers as strings or ints for floats; make types exact (from the annotations)."""
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value is None:
-            continue
-        kind = _base_type(hints[f.name])
-        try:
-            if kind is int:
-                if isinstance(value, bool) or float(value) != int(float(value)):
-                    raise ValueError
-                setattr(cfg, f.name, int(float(value)))
-            elif kind is float:
-                setattr(cfg, f.name, float(value))
-            elif kind is bool and not isinstance(value, bool):
-                raise ValueError
-            elif typing.get_origin(kind) is list:
-                setattr(cfg, f.name, [int(u) for u in (value if isinstance(value, list) else [value])])
-        except (TypeError, ValueError):
-            raise UserError(f"setting {f.name} has an invalid value {value!r}") from None

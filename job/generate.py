@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 
 from job import prompts as prompt_lib
-from job import storage
+from job import schema, storage
 from job.corpus import Vocab
 from job.errors import UserError, run_cli
+from job.schema import setting
 
 SAMPLES_DIR = "samples"
 CPU_BATCH = 256
@@ -34,26 +35,35 @@ MANIFEST = "manifest.json"
 
 @dataclass
 class GenerateConfig:
-    model: str = ""
-    output: str = ""
-    num_samples: int = 1
-    length: int = 500
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    prompt: str | None = None
-    prompts: str | None = None
-    seed: int = 0
-    num_workers: int = 0  # 0: as many as the cluster's free CPUs (GPUs with --use-gpu) fit, at most one per shard
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    batch_size: int = 0  # 0: by device (CPU_BATCH, or a whole shard on a GPU)
-    xla: bool = True
-    shard_size: int = 1000
-    unknown_chars: str = "error"
-    print_samples: bool = False
-    in_process: bool = False
-    progress_seconds: float = 30.0
+    """The settings of a generation job; the flags of `python -m job.generate` are made from these fields."""
+
+    model: str = setting("", "Training --output URL or its model/ folder (s3:// or local).", required=True)
+    output: str = setting("", "Where samples/ and manifest.json go (s3:// or local).", required=True)
+    num_samples: int = setting(1, "How many samples.")
+    length: int = setting(500, "Characters generated per sample.")
+    temperature: float = setting(1.0, "Softmax temperature; 0 = greedy argmax, the tutorial's behaviour.")
+    top_k: int = setting(0, "Sample among the k likeliest characters (0 = off).")
+    top_p: float = setting(1.0, "Nucleus sampling mass in (0, 1] (1 = off).")
+    prompt: str | None = setting(None, "One prompt for every sample.")
+    prompts: str | None = setting(None, "File/URL of prompts: one per line, or JSONL ({\"prompt\": ...}); sample i "
+                                  "uses prompt i modulo their number. Default: random corpus seeds, as the tutorial.")
+    seed: int = setting(0, "Seed: same seed, same samples, whatever the workers.")
+    num_workers: int = setting(0, "Ray workers, each loading the model once (default 0: as many as the cluster's "
+                               "free CPUs, or GPUs with --use-gpu, can run, at most one per shard).")
+    use_gpu: bool = setting(False, "One GPU per worker.")
+    cpus_per_worker: float = setting(1.0, "CPUs reserved per worker; also its TensorFlow thread count.")
+    batch_size: int = setting(0, f"Samples advanced together per step (default 0: {CPU_BATCH} on CPU, a whole shard "
+                              "on GPU).")
+    xla: bool = setting(True, "Compile the sampling loop with XLA (--no-xla: a plain TensorFlow graph; same "
+                        "output; XLA is faster but compiles once per batch shape).")
+    shard_size: int = setting(1000, "Samples per output shard.")
+    unknown_chars: str = setting("error", "Prompt characters outside the vocabulary: error, or skip them.",
+                                 choices=("error", "skip"))
+    print_samples: bool = setting(False, "Also print every sample to stdout.", name="print")
+    in_process: bool = setting(False, "Generate in this process without Ray.")
+    progress_seconds: float = setting(30.0, "Without a terminal (ray job submit, a RayJob, a log file): a progress "
+                                      "line at most every N seconds, as shards complete (0: every shard). A "
+                                      "terminal shows a progress bar.")
 
     def validate(self) -> GenerateConfig:
         checks = [
@@ -89,39 +99,13 @@ class GenerateConfig:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m job.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="Training --output URL or its model/ folder (s3:// or local).")
-    p.add_argument("--output", required=True, help="Where samples/ and manifest.json go (s3:// or local).")
-    p.add_argument("--num-samples", type=int, default=1, help="How many samples (default 1).")
-    p.add_argument("--length", type=int, default=500, help="Characters generated per sample (default 500).")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="Softmax temperature; 0 = greedy argmax, the tutorial's behaviour (default 1.0).")
-    p.add_argument("--top-k", type=int, default=0, help="Sample among the k likeliest characters (0 = off).")
-    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass in (0, 1] (1 = off).")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="One prompt for every sample.")
-    src.add_argument("--prompts", help="File/URL of prompts: one per line, or JSONL ({\"prompt\": ...}); "
-                     "sample i uses prompt i modulo their number. Default: random corpus seeds, as the tutorial.")
-    p.add_argument("--seed", type=int, default=0, help="Seed: same seed, same samples, whatever the workers.")
-    p.add_argument("--num-workers", type=int, default=0,
-                   help="Ray workers, each loading the model once (default 0: as many as the cluster's free CPUs, "
-                   "or GPUs with --use-gpu, can run, at most one per shard).")
-    p.add_argument("--use-gpu", action="store_true", help="One GPU per worker.")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0,
-                   help="CPUs reserved per worker; also its TensorFlow thread count (default 1).")
-    p.add_argument("--batch-size", type=int, default=0,
-                   help=f"Samples advanced together per step (default 0: {CPU_BATCH} on CPU, a whole shard on GPU).")
-    p.add_argument("--no-xla", dest="xla", action="store_false",
-                   help="Run the sampling loop as a plain TensorFlow graph instead of compiling it with XLA "
-                   "(same output; XLA is faster but compiles once per batch shape).")
-    p.add_argument("--shard-size", type=int, default=1000, help="Samples per output shard (default 1000).")
-    p.add_argument("--unknown-chars", choices=("error", "skip"), default="error",
-                   help="Prompt characters outside the vocabulary: error (default) or skip them.")
-    p.add_argument("--print", dest="print_samples", action="store_true", help="Also print every sample to stdout.")
-    p.add_argument("--in-process", action="store_true", help="Generate in this process without Ray.")
-    p.add_argument("--progress-seconds", type=float, default=30.0,
-                   help="Without a terminal (ray job submit, a RayJob, a log file): a progress line at most every N "
-                   "seconds, as shards complete (default 30; 0: every shard). A terminal shows a progress bar.")
+    schema.add_flags(p, GenerateConfig)
+    schema.add_defaults_to_help(p, asdict(GenerateConfig()))
     return p
+
+
+def load_generate_config(argv: list[str] | None = None) -> GenerateConfig:
+    return GenerateConfig(**schema.given(parser().parse_args(argv), GenerateConfig)).validate()
 
 
 # ---------------------------------------------------------------- the plan (TensorFlow-free)
@@ -383,8 +367,7 @@ def progress_line(samples: int, total: int, chars: int, seconds: float, fresh: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    cfg = GenerateConfig(**vars(args)).validate()
+    cfg = load_generate_config(argv)
     storage.check_writable(cfg.output)  # before reading the model: a bad --output fails at once
     plan = make_plan(cfg)
     started = time.monotonic()

@@ -180,3 +180,18 @@ def test_every_setting_is_a_flag_generated_from_the_schema():
     assert cfg.learning_rate == 0.01 and cfg.embed_dim == PRESETS["gpu"]["embed_dim"] and cfg.steps_per_call == 2
     with pytest.raises(SystemExit):
         load_train_config(BASE + ["--units", "many"])
+
+
+def test_generation_flags_come_from_its_schema_too(capsys):
+    from dataclasses import fields
+
+    from job.generate import GenerateConfig, load_generate_config, parser
+
+    assert {f.name for f in fields(GenerateConfig)} <= {a.dest for a in parser()._actions}
+    cfg = load_generate_config(["--model", "m", "--output", "o", "--no-xla", "--print", "--top-k", "5"])
+    assert (cfg.xla, cfg.print_samples, cfg.top_k, cfg.length) == (False, True, 5, GenerateConfig().length)
+    with pytest.raises(UserError, match="give --prompt or --prompts, not both"):
+        load_generate_config(["--model", "m", "--output", "o", "--prompt", "a", "--prompts", "p.txt"])
+    with pytest.raises(SystemExit):
+        load_generate_config(["--output", "o"])  # --model is required
+    assert "--model" in capsys.readouterr().err

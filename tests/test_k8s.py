@@ -561,8 +561,7 @@ def test_generate_entrypoint_flags_are_accepted_by_the_cli(rendered):
     from job.errors import UserError
 
     try:
-        ns = job.generate.parser().parse_args(args)
-        cfg = job.generate.GenerateConfig(**vars(ns)).validate()
+        cfg = job.generate.load_generate_config(args)
     except SystemExit:
         pytest.fail(f"python -m job.generate rejects the RayJob's flags: {args}")
     except UserError as exc:
