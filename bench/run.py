@@ -64,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(HERE / "results"), help="Results folder (default bench/results).")
     p.add_argument("--workdir", default=str(HERE / "work"),
                    help="Scratch folder for the training runs (default bench/work, gitignored; wiped per run).")
+    p.add_argument("--no-train-job", dest="train_job", action="store_false",
+                   help="Skip the training run through the CLI under local Ray (python -m job.train).")
     p.add_argument("--gen-batches", type=_int_list, default=[1, 64, 256, 512, 2048],
                    help="Sampler batch sizes (default 1,64,256,512,2048).")
     p.add_argument("--gen-job-samples", type=int, default=10_000,
@@ -291,6 +293,11 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{ours['flops_train_per_predicted_char'] / 1e6:.1f} M.",
                 "",
             ]
+        if "job" in tr:
+            from bench import train_job
+
+            lines += ["### The same, as users run it: the training CLI under local Ray", ""]
+            lines += train_job.markdown(tr["job"], ours)
     gen = results.get("generation")
     if gen:
         tut, ours = gen["tutorial"], gen["ours"]
@@ -482,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
             "tutorial": run_training("seed-small", corpus, args.seconds, workdir),
             "ours": run_training("default", corpus, args.seconds, workdir),
         }
+        if args.train_job:
+            from bench import train_job
+
+            results["training"]["job"] = train_job.run(corpus, workdir, args.seconds)
     if args.only in (None, "gen"):
         results["generation"] = run_generation(args, vocab_size, corpus, workdir)
 

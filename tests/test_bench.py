@@ -90,3 +90,17 @@ def test_generation_job_table_and_goals():
     assert [t["met"] for t in gen_job.targets(job)] == [True, True]
     job["rows"][0]["job_chars_per_sec"] = 99_999.0
     assert [t["met"] for t in gen_job.targets(job)] == [False, True]
+
+
+def test_training_job_rows_compare_the_cli_with_in_process():
+    from bench import train_job
+
+    cli = {"command": "job.train --corpus c --output o --max-minutes 5", "heldout_loss_nats": 1.3571,
+           "train_chars": 1_000_000, "chars_per_sec_overall": 3333.3, "process_wall_sec": 318.2}
+    ours = {"heldout_loss_nats": 1.3452, "train_chars": 1_100_000, "chars_per_sec_overall": 3666.0}
+    text = "\n".join(train_job.markdown(cli, ours))
+    assert "| held-out loss, nats/char (exported model) | 1.3452 | 1.3571 |" in text
+    assert "| whole process, s | | 318.2 |" in text and "`python -m job.train --corpus c" in text
+    failed = "\n".join(train_job.markdown({"error": "job.train exited with 1: boom", "process_wall_sec": 3}, ours))
+    assert "failed: job.train exited with 1: boom" in failed
+    assert train_job._final('noise\n{"final": {"epoch": 2}}\n') == {"epoch": 2}
