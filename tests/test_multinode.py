@@ -46,7 +46,7 @@ def cluster(s3_server, tmp_path_factory):
 def inputs(s3_server, s3_prefix):
     base = s3_prefix.split("/", 3)[3]
     client = s3_server.client()
-    client.put_object(Bucket=s3_server.bucket, Key=f"{base}/corpus.txt", Body=textgen.book(12000, seed=5).encode())
+    client.put_object(Bucket=s3_server.bucket, Key=f"{base}/corpus.txt", Body=textgen.book(8000, seed=5).encode())
     client.put_object(Bucket=s3_server.bucket, Key=f"{base}/tiny.yaml", Body=yaml.safe_dump(TINY).encode())
     return s3_server.url(f"{base}/corpus.txt"), s3_server.url(f"{base}/tiny.yaml"), f"{s3_prefix}/run"
 
