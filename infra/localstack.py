@@ -523,6 +523,7 @@ class RayNode:
     name: str
     node_id: str
     proc: Proc
+    temp_dir: str = ""  # its own, as on a separate machine: its logs are forwarded once, not once per node
 
     def kill(self) -> None:
         """SIGKILL the whole node at once (raylet, agents, workers): a preempted machine, not a shutdown."""
@@ -536,6 +537,8 @@ class RayNode:
 
     def stop(self) -> None:
         self.proc.stop()
+        if self.temp_dir and not os.environ.get("CHARLSTM_KEEP_RAY_LOGS"):
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def alive_node_ids(info: RayInfo) -> set[str]:
@@ -555,21 +558,26 @@ def start_ray_node(head: RayInfo, state_dir: Path, name: str, *, num_cpus: int =
     state_dir = state_dir.resolve()
     before = alive_node_ids(head)
     node_args, _ports = _node_ports(100)
+    # Short: Ray's unix sockets live under it. Sharing the head's would make every node's log monitor forward
+    # every worker's lines (each line once per node in `ray job logs`) and let nodes share downloaded files.
+    temp_dir = tempfile.mkdtemp(prefix="rn-", dir="/tmp")
     argv = [ray_executable(), "start", "--block", "--address", head.gcs_address, *node_args,
-            "--num-cpus", str(num_cpus)]
+            "--num-cpus", str(num_cpus), "--temp-dir", temp_dir]
     env = _ray_env(head.token_path, head.gcs_address.rsplit(":", 1)[1], extra_env)
     proc = spawn(f"ray-node-{name}", argv, env, state_dir / f"ray-node-{name}.log")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         code = _exited(proc)
         if code is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
             raise StackError(f"`ray start` of node {name} exited with code {code}:\n{log_tail(proc.log)}")
         with contextlib.suppress(OSError, StackError):
             new = alive_node_ids(head) - before
             if new:
-                return RayNode(name=name, node_id=new.pop(), proc=proc)
+                return RayNode(name=name, node_id=new.pop(), proc=proc, temp_dir=temp_dir)
         time.sleep(0.25)
     proc.stop()
+    shutil.rmtree(temp_dir, ignore_errors=True)
     raise StackError(f"Ray node {name} did not join within {timeout:.0f}s:\n{log_tail(proc.log)}")
 
 
