@@ -28,7 +28,7 @@ def run(corpus: str, workdir: Path, seconds: float) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "job.train", "--corpus", corpus, "--output", str(out),
            "--max-minutes", f"{seconds / 60:g}"]
-    print(f"\n== training job through the CLI under local Ray: {' '.join(cmd[1:])}", flush=True)
+    print(f"\n== training job through the CLI under local Ray: python {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
@@ -42,7 +42,7 @@ def run(corpus: str, workdir: Path, seconds: float) -> dict[str, Any]:
                 "process_wall_sec": wall}
     heldout = json.loads(scored.stdout.strip().splitlines()[-1])
     return {
-        "command": " ".join(cmd[1:]),
+        "command": " ".join(cmd[2:]),
         "heldout_loss_nats": heldout["loss_nats"], "heldout_bits_per_char": heldout["bits_per_char"],
         "train_chars": final["train_chars"], "elapsed_sec": final["elapsed_sec"],
         "chars_per_sec_overall": final["train_chars"] / max(final["elapsed_sec"], 1e-9),
