@@ -98,11 +98,16 @@ def wait_for_capacity(num_workers: int, cpus_per_worker: float, use_gpu: bool, w
     bundle = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
     request_resources(bundles=[bundle] * num_workers)  # what an autoscaler scales up for; no-op without one
     deadline = time.monotonic() + wait_minutes * 60
-    while (short := _shortfall(num_workers, cpus_per_worker, use_gpu)) is not None:
-        if time.monotonic() > deadline:
-            raise UserError(f"{short} after waiting {wait_minutes:g} min for more nodes; check the autoscaler "
-                            "(its max replicas, node quotas) or lower --num-workers")
-        time.sleep(poll_seconds)
+    try:
+        while (short := _shortfall(num_workers, cpus_per_worker, use_gpu)) is not None:
+            if time.monotonic() > deadline:
+                raise UserError(f"{short} after waiting {wait_minutes:g} min for more nodes; check the autoscaler "
+                                "(its max replicas, node quotas) or lower --num-workers")
+            time.sleep(poll_seconds)
+    finally:
+        # The request stands until overridden: left, it would keep those nodes up on a long-lived cluster after
+        # this job (or keep scaling for a job that gave up). Ray Train's workers hold the nodes from here.
+        request_resources(bundles=[])
     total = ray.cluster_resources()
     log(f"the cluster has grown to {total.get('CPU', 0.0):g} CPUs and {total.get('GPU', 0.0):g} GPUs")
 
