@@ -35,3 +35,18 @@ def test_a_recurrent_dropout_would_fail_the_check():
     assert not _do_lstm_arguments_support_cudnn(relu.activation, relu.recurrent_activation, relu.unroll,
                                                 relu.use_bias)
     assert keras.layers.LSTM(8, recurrent_dropout=0.1).recurrent_dropout != 0.0
+
+
+@pytest.mark.parametrize(("preset", "batch", "reserved", "threads"), [
+    ("default", 64, 2, 1),  # small steps: one thread measured fastest
+    ("default", 512, 2, 2),  # 151 M multiply-adds per step: every core
+    ("gpu", 256, 8, 8),  # the gpu preset run on CPUs: 1.2 G multiply-adds per step
+    ("seed-small", 128, 4, 4),  # the tutorial: 128 x 257 x 1024 = 34 M
+])
+def test_cpu_threads_auto(preset, batch, reserved, threads):
+    from job.worker import compute_threads
+
+    cfg = TrainConfig(**{**PRESETS[preset], "preset": preset, "output": "unused"})
+    assert compute_threads(cfg, batch, reserved) == threads
+    cfg.cpu_threads = 3
+    assert compute_threads(cfg, batch, reserved) == 3
