@@ -394,23 +394,59 @@ def translate_errors(url: str) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------ operations
+# One code path: every operation goes through an fsspec filesystem (LocalFileSystem for paths and file://,
+# s3fs, or whatever fsspec resolves). Only writes to local files differ, because fsspec's local writes are not
+# atomic renames: they go through `_replacing`.
 
 
-def _fsspec(url: str):
-    """(filesystem, path) for a non-local URL."""
-    if _scheme(url) in ("s3", "s3a"):
-        return s3_filesystem(), _s3_path(url)
+def _fs(url: str):
+    """(filesystem, path) for any URL; a local path becomes absolute."""
+    scheme = _scheme(url)
     import fsspec
 
+    if scheme in ("", "file"):
+        return fsspec.filesystem("file"), os.path.abspath(local_path(url))
+    if scheme in ("s3", "s3a"):
+        return s3_filesystem(), _s3_path(url)
     return fsspec.core.url_to_fs(url)
+
+
+def _writable_fs(url: str):
+    if _scheme(url) in ("http", "https"):
+        raise UserError(f"cannot write to {url}: https URLs are read-only; write to s3:// or a path")
+    return _fs(url)
+
+
+def _url_of(url: str, item: str) -> str:
+    """A path the filesystem of `url` returned, as a URL of the same form (a plain path stays a path)."""
+    scheme = _scheme(url)
+    item = item.split("://", 1)[-1]
+    return item if scheme == "" else f"{scheme}://{item}"
+
+
+def _files_below(url: str, fs, root: str, found: dict) -> list[tuple[str, str, dict]]:
+    """(url, name relative to `root` with "/", details) of each file in an fsspec find/glob result. Folders
+    and S3 "folder marker" objects (zero-size "dir/" keys that pyarrow, Ray's checkpoint writer, leaves) are
+    not files."""
+    out = []
+    for item, details in found.items():
+        item = item.split("://", 1)[-1]
+        if details.get("type") == "directory" or item.endswith("/") or not item.startswith(root + "/"):
+            continue
+        name = item[len(root) + 1:]
+        out.append((join(url, name), name, details))
+    return out
+
+
+def _check_bucket_of(url: str, path: str) -> None:
+    """A bare s3://bucket that is missing is an error, not an empty listing."""
+    if _scheme(url) in ("s3", "s3a") and "/" not in path.strip("/"):
+        s3_filesystem().call_s3("head_bucket", Bucket=path.strip("/"))
 
 
 def read_bytes(url: str) -> bytes:
     with translate_errors(url):
-        if is_local(url):
-            with open(local_path(url), "rb") as fh:
-                return fh.read()
-        fs, path = _fsspec(url)
+        fs, path = _fs(url)
         return fs.cat_file(path)
 
 
@@ -440,26 +476,47 @@ def _replacing(dst: str) -> Iterator[str]:
         raise
 
 
-def _atomic_local_write(path: str, data: bytes) -> None:
-    with _replacing(path) as tmp, open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def write_bytes(url: str, data: bytes) -> None:
     """Write `data` to `url` atomically (readers never see a partial file or object)."""
     data = bytes(data)
     with translate_errors(url):
-        if is_local(url):
-            _atomic_local_write(local_path(url), data)
+        fs, path = _writable_fs(url)
+        if not is_local(url):
+            # S3: one PUT (or a multipart upload that s3fs completes last, or aborts on failure); the object
+            # appears only when that final call succeeds.
+            fs.pipe_file(path, data)
             return
-        if _scheme(url) in ("http", "https"):
-            raise UserError(f"cannot write to {url}: https URLs are read-only; write to s3:// or a path")
-        fs, path = _fsspec(url)
-        # S3: one PUT (or a multipart upload that s3fs completes last, or aborts on failure); the object
-        # appears only when that final call succeeds.
-        fs.pipe_file(path, data)
+        with _replacing(path) as tmp, open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def upload_file(local_file: str, url: str) -> None:
+    """Copy a local file to `url`, atomically for readers: local = temporary name + rename in the same folder;
+    S3 = one PUT, or a multipart upload completed only after its last part (and aborted on failure)."""
+    upload_files([(local_file, url)], url)
+
+
+def upload_files(pairs: list[tuple[str, str]], url: str) -> None:
+    """Copy (local file, destination URL) pairs below `url`, each atomically for readers (see upload_file); to
+    object storage concurrently."""
+    with translate_errors(url):
+        fs, _ = _writable_fs(url)
+        if not is_local(url):
+            fs.put([src for src, _ in pairs], [_fs(dst)[1] for _, dst in pairs])
+            return
+        for src, dst in pairs:
+            with _replacing(_fs(dst)[1]) as tmp:
+                shutil.copyfile(src, tmp)
+
+
+def download_file(url: str, local_file: str) -> None:
+    """Copy `url` to a local file, atomically: written under a temporary name in the same folder and renamed,
+    so a reader (another worker on this node) sees no file or the whole file."""
+    with translate_errors(url), _replacing(local_file) as tmp:
+        fs, path = _fs(url)
+        fs.get_file(path, tmp)
 
 
 def check_bucket(url: str) -> None:
@@ -523,41 +580,19 @@ def write_text(url: str, text: str) -> None:
 def exists(url: str) -> bool:
     """True if a file/object (or a non-empty prefix/directory) exists at `url`."""
     with translate_errors(url):
-        if is_local(url):
-            return os.path.exists(local_path(url))
-        fs, path = _fsspec(url)
+        fs, path = _fs(url)
         return fs.exists(path)
 
 
 def listdir(url: str) -> list[str]:
     """Every file/object under `url` (recursively), as URLs in the same form as `url`, sorted."""
     with translate_errors(url):
-        if is_local(url):
-            root = local_path(url)
-            if os.path.isfile(root):
-                return [url]
-            out = []
-            for dirpath, _dirs, files in os.walk(root):
-                for name in files:
-                    rel = os.path.relpath(os.path.join(dirpath, name), root)
-                    out.append(join(url, *rel.split(os.sep)))
-            return sorted(out)
-        fs, path = _fsspec(url)
-        if _scheme(url) in ("s3", "s3a") and "/" not in path:
-            fs.call_s3("head_bucket", Bucket=path)  # a missing bucket is an error, not an empty listing
+        fs, path = _fs(url)
+        _check_bucket_of(url, path)
         found = fs.find(path, detail=True)
         root = path.rstrip("/")
-        out = []
-        for item, info in found.items():
-            # pyarrow (Ray's checkpoint writer) leaves "dir/" marker objects: they are not files.
-            if info.get("type") == "directory" or item.endswith("/"):
-                continue
-            item = item.split("://", 1)[-1] if "://" in item else item
-            if item == root:
-                out.append(url)
-            elif item.startswith(root + "/"):
-                out.append(join(url, item[len(root) + 1 :]))
-        return sorted(out)
+        single = [url] if root in {item.split("://", 1)[-1] for item in found} else []  # `url` is a file
+        return sorted(single + [u for u, _name, _details in _files_below(url, fs, root, found)])
 
 
 def upload_dir(local_dir: str, url: str) -> list[str]:
@@ -566,29 +601,15 @@ def upload_dir(local_dir: str, url: str) -> list[str]:
     src_root = local_path(local_dir)
     if not os.path.isdir(src_root):
         raise UserError(f"{local_dir} is not a directory; nothing to upload")
-    pairs = []
-    for dirpath, _dirs, files in os.walk(src_root):
-        for name in files:
-            src = os.path.join(dirpath, name)
-            rel = os.path.relpath(src, src_root).split(os.sep)
-            pairs.append((src, join(url, *rel)))
-    pairs.sort()
-    with translate_errors(url):
-        if is_local(url):
-            for src, dst in pairs:
-                _atomic_local_copy(src, local_path(dst))
-        elif pairs:
-            if _scheme(url) in ("http", "https"):
-                raise UserError(f"cannot write to {url}: https URLs are read-only")
-            fs, _ = _fsspec(url)
-            # Concurrent PUTs / multipart uploads; each object appears only once complete.
-            fs.put([s for s, _ in pairs], [_fsspec(d)[1] for _, d in pairs])
+    pairs = sorted((src, dst) for dst, src in
+                   ((join(url, name), os.path.join(src_root, name)) for name in _names_below(src_root)))
+    if pairs:
+        upload_files(pairs, url)
     return [d for _, d in pairs]
 
 
-def _atomic_local_copy(src: str, dst: str) -> None:
-    with _replacing(dst) as tmp:
-        shutil.copyfile(src, tmp)
+def _names_below(root: str) -> list[str]:
+    return [os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/") for d, _, fs in os.walk(root) for f in fs]
 
 
 def download_dir(url: str, local_dir: str) -> list[str]:
@@ -597,24 +618,15 @@ def download_dir(url: str, local_dir: str) -> list[str]:
     sources = listdir(url)
     if not sources:
         raise UserError(f"not found: nothing under {url}: check the URL")
+    base = url.rstrip("/") + "/"
     dst_root = local_path(local_dir)
-    base = url.rstrip("/") + "/" if not is_local(url) else None
-    pairs = []
-    for src in sources:
-        if base is not None:
-            rel = src[len(base):] if src.startswith(base) else posixpath.basename(src)
-        else:
-            rel = os.path.relpath(local_path(src), local_path(url))
-        pairs.append((src, os.path.join(dst_root, *rel.split("/"))))
-    with translate_errors(url):
-        if is_local(url):
-            for src, dst in pairs:
-                _atomic_local_copy(local_path(src), dst)
-            return [d for _, d in pairs]
-        fs, _ = _fsspec(url)
-        with contextlib.ExitStack() as stack:
-            tmps = [stack.enter_context(_replacing(dst)) for _, dst in pairs]
-            fs.get([_fsspec(s)[1] for s, _ in pairs], tmps)  # concurrent downloads into temporary names
+    pairs = [(src, os.path.join(dst_root, *(src[len(base):] if src.startswith(base)
+                                            else posixpath.basename(src)).split("/")))
+             for src in sources]
+    with translate_errors(url), contextlib.ExitStack() as stack:
+        fs, _ = _fs(url)
+        tmps = [stack.enter_context(_replacing(dst)) for _, dst in pairs]
+        fs.get([_fs(s)[1] for s, _ in pairs], tmps)  # concurrent downloads into temporary names
     return [d for _, d in pairs]
 
 
@@ -622,30 +634,24 @@ def delete(url: str, recursive: bool = False) -> None:
     """Delete a file/object (or, with recursive=True, everything under a prefix/directory).
     Deleting something that does not exist is not an error (S3 semantics)."""
     with translate_errors(url):
-        if is_local(url):
-            path = local_path(url)
-            if recursive and os.path.isdir(path):
-                shutil.rmtree(path)
+        fs, path = _fs(url)
+        if _scheme(url) in ("s3", "s3a") and "/" not in path:
+            if not recursive:
+                raise UserError(f"refusing to delete bucket {url}; give a key or prefix")
+            _check_bucket_of(url, path)  # a missing bucket is an error here
+        if not recursive:
+            if _scheme(url) in ("s3", "s3a"):  # idempotent; a missing bucket raises
+                bucket, key = path.split("/", 1)
+                fs.call_s3("delete_object", Bucket=bucket, Key=key)
             else:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                    fs.rm_file(path)
             return
-        fs, path = _fsspec(url)
-        if _scheme(url) in ("s3", "s3a"):
-            if "/" not in path:
-                if not recursive:
-                    raise UserError(f"refusing to delete bucket {url}; give a key or prefix")
-                fs.call_s3("head_bucket", Bucket=path)
-            if recursive:
-                keys = fs.find(path)
-                if keys:
-                    fs.rm(keys)
-            else:
-                bucket, key = path.split("/", 1)
-                fs.call_s3("delete_object", Bucket=bucket, Key=key)  # idempotent; a missing bucket raises
-            return
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm(path, recursive=recursive)
+        if is_local(url):
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        elif keys := fs.find(path):
+            fs.rm(keys)
 
 
 # ------------------------------------------------------------------------- listings and streamed files
@@ -660,38 +666,39 @@ def is_glob(url: str) -> bool:
     return any(c in str(url) for c in _GLOB_CHARS)
 
 
-def _version(details: dict) -> str | None:
-    """What changes when an object's contents change: the S3 ETag, else whatever date the filesystem gives."""
-    for key in ("ETag", "etag", "mtime_ns", "LastModified", "last_modified", "Last-Modified", "mtime", "created"):
+def _version(url: str, path: str, details: dict) -> str | None:
+    """What changes when a file's contents change: the S3 ETag, a local file's mtime in ns (fsspec's float
+    mtime is coarser), else whatever date the filesystem gives."""
+    if is_local(url):
+        return str(os.stat(path).st_mtime_ns)
+    for key in ("ETag", "etag", "LastModified", "last_modified", "Last-Modified", "mtime", "created"):
         value = details.get(key)
         if value not in (None, ""):
             return str(value)
     return None
 
 
-def _local_entry(url: str, path: str, name: str) -> dict:
-    st = os.stat(path)
-    return {"url": url, "name": name, "size": st.st_size, "version": str(st.st_mtime_ns)}
-
-
 def _hidden(name: str) -> bool:
     return any(part.startswith(".") for part in name.split("/"))
+
+
+def _entries(url: str, fs, root: str, found: dict) -> list[dict]:
+    """walk_files/glob entries of the visible files in an fsspec find/glob result, sorted by name."""
+    out = [{"url": u, "name": name, "size": details.get("size"),
+            "version": _version(u, root + "/" + name, details)}
+           for u, name, details in _files_below(url, fs, root, found) if not _hidden(name)]
+    return sorted(out, key=lambda e: e["name"])
 
 
 def info(url: str) -> dict:
     """{"url", "type": "file" | "directory", "size", "version"} for one file/object or folder/prefix (one
     request on S3). A missing path is a one-line UserError."""
     with translate_errors(url):
-        if is_local(url):
-            path = local_path(url)
-            if os.path.isdir(path):
-                return {"url": url, "type": "directory", "size": 0, "version": None}
-            entry = _local_entry(url, path, os.path.basename(path))
-            return {"url": url, "type": "file", "size": entry["size"], "version": entry["version"]}
-        fs, path = _fsspec(url)
+        fs, path = _fs(url)
         details = fs.info(path)
-        kind = "directory" if details.get("type") == "directory" else "file"
-        return {"url": url, "type": kind, "size": details.get("size"), "version": _version(details)}
+        if details.get("type") == "directory":
+            return {"url": url, "type": "directory", "size": 0, "version": None}
+        return {"url": url, "type": "file", "size": details.get("size"), "version": _version(url, path, details)}
 
 
 def walk_files(url: str) -> list[dict]:
@@ -699,32 +706,12 @@ def walk_files(url: str) -> list[dict]:
     "size", "version"}. Names with a part starting with "." (.git, .DS_Store, our own temporary files) and S3
     "folder marker" objects are left out."""
     with translate_errors(url):
-        out = []
-        if is_local(url):
-            root = local_path(url)
-            if not os.path.isdir(root):
-                raise FileNotFoundError(root)
-            for dirpath, dirs, files in os.walk(root):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                for fname in files:
-                    path = os.path.join(dirpath, fname)
-                    name = os.path.relpath(path, root).replace(os.sep, "/")
-                    if not _hidden(name):
-                        out.append(_local_entry(join(url, *name.split("/")), path, name))
-            return sorted(out, key=lambda e: e["name"])
-        fs, path = _fsspec(url)
-        if _scheme(url) in ("s3", "s3a") and "/" not in path.strip("/"):
-            fs.call_s3("head_bucket", Bucket=path.strip("/"))  # a missing bucket is an error, not "nothing here"
+        fs, path = _fs(url)
+        _check_bucket_of(url, path)
+        if is_local(url) and not fs.isdir(path):
+            raise FileNotFoundError(path)
         root = path.rstrip("/")
-        for item, details in fs.find(root, detail=True).items():
-            item = item.split("://", 1)[-1]
-            if details.get("type") == "directory" or item.endswith("/") or not item.startswith(root + "/"):
-                continue  # folder markers (zero-size "dir/" objects) and the prefix itself
-            name = item[len(root) + 1:]
-            if not _hidden(name):
-                out.append({"url": join(url, name), "name": name, "size": details.get("size"),
-                            "version": _version(details)})
-        return sorted(out, key=lambda e: e["name"])
+        return _entries(url, fs, root, fs.find(root, detail=True))
 
 
 def glob(url: str) -> list[dict]:
@@ -734,31 +721,10 @@ def glob(url: str) -> list[dict]:
         raise UserError(f"cannot expand {url}: wildcards need a listing, which https does not give; "
                         "use a local path or s3:// URL")
     with translate_errors(url):
-        if is_local(url):
-            import fsspec
-
-            pattern = os.path.abspath(local_path(url)).replace(os.sep, "/")
-            prefix = "file://" if _scheme(url) == "file" else ""
-            fs = fsspec.filesystem("file")
-        else:
-            fs, pattern = _fsspec(url)
-            prefix = url.split("://", 1)[0] + "://"
+        fs, pattern = _fs(url)
         first = min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)
         root = pattern[:first].rsplit("/", 1)[0]
-        out = []
-        for item, details in fs.glob(pattern, detail=True).items():
-            item = item.split("://", 1)[-1]
-            if details.get("type") == "directory" or item.endswith("/") or not item.startswith(root + "/"):
-                continue
-            name = item[len(root) + 1:]
-            if _hidden(name):
-                continue
-            if is_local(url):
-                out.append(_local_entry(prefix + item, item, name))  # mtime_ns: fsspec's float mtime is coarser
-            else:
-                out.append({"url": prefix + item, "name": name, "size": details.get("size"),
-                            "version": _version(details)})
-        return sorted(out, key=lambda e: e["name"])
+        return _entries(_url_of(url, root), fs, root, fs.glob(pattern, detail=True))
 
 
 @contextlib.contextmanager
@@ -766,35 +732,6 @@ def open_read(url: str) -> Iterator:
     """A binary file object reading `url` as a stream (for S3, ranged GETs as the reader advances); failures,
     while opening or while reading inside the `with` block, become one-line UserErrors naming `url`."""
     with translate_errors(url):
-        if is_local(url):
-            fh = open(local_path(url), "rb")  # closed by the `with fh` below
-        else:
-            fs, path = _fsspec(url)
-            fh = fs.open(path, "rb")
-        with fh:
+        fs, path = _fs(url)
+        with fs.open(path, "rb") as fh:
             yield fh
-
-
-def upload_file(local_file: str, url: str) -> None:
-    """Copy a local file to `url`, atomically for readers: local = temporary name + rename in the same folder;
-    S3 = one PUT, or a multipart upload completed only after its last part (and aborted on failure)."""
-    with translate_errors(url):
-        if is_local(url):
-            _atomic_local_copy(local_file, local_path(url))
-            return
-        if _scheme(url) in ("http", "https"):
-            raise UserError(f"cannot write to {url}: https URLs are read-only; write to s3:// or a path")
-        fs, path = _fsspec(url)
-        fs.put_file(local_file, path)
-
-
-def download_file(url: str, local_file: str) -> None:
-    """Copy `url` to a local file, atomically: written under a temporary name in the same folder and renamed,
-    so a reader (another worker on this node) sees no file or the whole file."""
-    with translate_errors(url):
-        if is_local(url):
-            _atomic_local_copy(local_path(url), local_file)
-            return
-        fs, path = _fsspec(url)
-        with _replacing(local_file) as tmp:
-            fs.get_file(path, tmp)

@@ -309,6 +309,13 @@ def test_pyarrow_filesystem_local(tmp_path):
 # --------------------------------------------------------------------------------- unreachable endpoint
 
 
+@pytest.fixture
+def fake_credentials(monkeypatch):
+    """Keys botocore signs with, so that a request is made at all (not a "no credentials" refusal)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -316,7 +323,7 @@ def _closed_port() -> int:
 
 
 @pytest.mark.timeout(90)
-def test_unreachable_endpoint_is_user_error(monkeypatch):
+def test_unreachable_endpoint_is_user_error(monkeypatch, fake_credentials):
     """Default retry settings: connection refused, retried by botocore with backoff, then one clear line."""
     endpoint = f"http://127.0.0.1:{_closed_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
@@ -326,7 +333,7 @@ def test_unreachable_endpoint_is_user_error(monkeypatch):
 
 
 @pytest.mark.timeout(90)
-def test_silent_endpoint_times_out_as_configured(monkeypatch):
+def test_silent_endpoint_times_out_as_configured(monkeypatch, fake_credentials):
     """A server that accepts connections but never answers: the read timeout and attempt count are the
     library's (botocore Config), taken from CHARLSTM_S3_READ_TIMEOUT / AWS_MAX_ATTEMPTS."""
     with socket.socket() as silent:
