@@ -41,6 +41,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STATE_DIR = ".stack"
 DEFAULT_BUCKET = "charlstm-local"
@@ -66,11 +68,11 @@ class StackError(RuntimeError):
 
 @dataclass
 class Proc:
-    """A process we started in its own session; identified by pid + kernel start time (pid reuse safe)."""
+    """A process we started in its own session; identified by pid + creation time (pid reuse safe)."""
 
     name: str
     pid: int
-    start_time: int
+    start_time: float  # psutil's create_time()
     log: str
     argv: list[str] = field(default_factory=list)
 
@@ -79,41 +81,35 @@ class Proc:
         return self.pid  # start_new_session=True: the process leads its own session and group
 
     def alive(self) -> bool:
-        stat = _stat(self.pid)
-        return stat is not None and stat.start_time == self.start_time and stat.state != "Z"
+        return running(self.pid, self.start_time)
 
-    def members(self) -> dict[int, int]:
-        """{pid: start_time} of our live processes: the session/group of the leader (Ray's daemons and
+    def members(self) -> dict[int, float]:
+        """{pid: create time} of our live processes: the session/group of the leader (Ray's daemons and
         workers) plus all their descendants, including job drivers (Ray starts those in new sessions)."""
-        leader = _stat(self.pid)
-        if leader is not None and leader.start_time != self.start_time:
+        if _create_time(self.pid) not in (None, self.start_time):
             # The pid was reused, so the kernel had freed it as a group/session id too: nothing of ours left.
             return {}
-        stats = {pid: st for pid in _all_pids() if (st := _stat(pid)) is not None and st.state != "Z"}
-        ours = {pid for pid, st in stats.items() if st.pgid == self.pgid or st.sid == self.pid}
-        children: dict[int, list[int]] = {}
-        for pid, st in stats.items():
-            children.setdefault(st.ppid, []).append(pid)
-        todo = list(ours)
-        while todo:
-            for child in children.get(todo.pop(), []):
-                if child not in ours:
-                    ours.add(child)
-                    todo.append(child)
-        return {pid: stats[pid].start_time for pid in ours}
+        ours: dict[int, psutil.Process] = {}
+        for p in psutil.process_iter():
+            with contextlib.suppress(OSError):
+                if os.getpgid(p.pid) == self.pgid or os.getsid(p.pid) == self.pid:
+                    ours[p.pid] = p
+        for p in list(ours.values()):
+            with contextlib.suppress(psutil.Error):
+                ours.update((c.pid, c) for c in p.children(recursive=True))
+        return {pid: t for pid, p in ours.items() if (t := _create_time(pid)) is not None and running(pid, t)}
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM the leader (it shuts its children down), then everything of ours, then SIGKILL. Idempotent.
 
-        Processes seen once are remembered (by pid + start time), so descendants that get orphaned while
+        Processes seen once are remembered (by pid + creation time), so descendants that get orphaned while
         the leader shuts down are still found and signalled.
         """
-        known: dict[int, int] = {}
+        known: dict[int, float] = {}
 
-        def live() -> dict[int, int]:
+        def live() -> dict[int, float]:
             known.update(self.members())
-            return {pid: t for pid, t in known.items()
-                    if (st := _stat(pid)) is not None and st.start_time == t and st.state != "Z"}
+            return {pid: t for pid, t in known.items() if running(pid, t)}
 
         stages = ((signal.SIGTERM, False, timeout), (signal.SIGTERM, True, 3.0), (signal.SIGKILL, True, 5.0))
         for sig, everything, wait in stages:
@@ -121,8 +117,7 @@ class Proc:
             if not pids:
                 break
             if everything:
-                leader = _stat(self.pid)
-                if leader is None or leader.start_time == self.start_time:  # else the id was reused
+                if _create_time(self.pid) in (None, self.start_time):  # else the group id was reused
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(self.pgid, sig)
                 for pid in pids:
@@ -140,27 +135,20 @@ class Proc:
         _OWNED.pop(self.pid, None)
 
 
-@dataclass
-class _Stat:
-    state: str
-    ppid: int
-    pgid: int
-    sid: int
-    start_time: int
-
-
-def _stat(pid: int) -> _Stat | None:
+def _create_time(pid: int) -> float | None:
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
         return None
-    fields = raw[raw.rindex(")") + 2 :].split()  # the command name may contain spaces and parentheses
-    return _Stat(state=fields[0], ppid=int(fields[1]), pgid=int(fields[2]), sid=int(fields[3]),
-                 start_time=int(fields[19]))
 
 
-def _all_pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+def running(pid: int, create_time: float) -> bool:
+    """Process `pid` is still the one created at `create_time` and has not exited (zombies have)."""
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == create_time and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 _CHILDREN: dict[int, subprocess.Popen] = {}  # Popen objects of this process, so stopped children get reaped
@@ -195,8 +183,7 @@ def spawn(name: str, argv: list[str], env: dict[str, str], log_path: Path) -> Pr
             start_new_session=True, close_fds=True, cwd=str(REPO_ROOT),
         )
     _CHILDREN[popen.pid] = popen
-    stat = _stat(popen.pid)
-    start_time = stat.start_time if stat is not None else -1
+    start_time = _create_time(popen.pid) or -1.0
     proc = Proc(name=name, pid=popen.pid, start_time=start_time, log=str(log_path), argv=list(argv))
     _OWNED[proc.pid] = proc
     return proc

@@ -115,8 +115,7 @@ def test_cli_start_env_status_stop(tmp_path, worker_nodes):
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not stack.s3.proc.members() and not stack.ray.proc.members()
     assert not any(node.proc.members() for node in stack.nodes)
-    assert not any(localstack._stat(pid) and localstack._stat(pid).state != "Z"
-                   and localstack._stat(pid).start_time == t for pid, t in members.items())
+    assert not any(localstack.running(pid, t) for pid, t in members.items())
     assert not os.path.exists(stack.ray.temp_dir)
     assert _cli("stop", "--state-dir", state).stdout.strip() == "nothing to stop"
     assert _cli("status", "--state-dir", state).returncode != 0
