@@ -207,10 +207,9 @@ def wait_until_gone(directory: str, seconds: float = 60) -> list[psutil.Process]
 def pid_alive(pid: int) -> bool:
     """True while the process exists and is not a zombie."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 @contextlib.contextmanager

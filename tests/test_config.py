@@ -56,23 +56,20 @@ def test_output_required():
         load_train_config(["--corpus", "x"])
 
 
-def test_config_file_errors(tmp_path):
+@pytest.mark.parametrize(("text", "error"), [
+    ("epochs: [1,\n", "not valid YAML/JSON"),
+    ("epochz: 3\n", "unknown setting 'epochz'"),
+    ("epochs: many\n", "epochs has an invalid value"),
+    ("preset: huge\n", "unknown preset 'huge'"),
+])
+def test_config_file_errors(tmp_path, text, error):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("epochs: [1,\n")
-    with pytest.raises(UserError, match="not valid YAML/JSON"):
+    bad.write_text(text)
+    with pytest.raises(UserError, match=error):
         load_train_config(BASE + ["--config", str(bad)])
-    unknown = tmp_path / "unknown.yaml"
-    unknown.write_text("epochz: 3\n")
-    with pytest.raises(UserError, match="unknown setting 'epochz'"):
-        load_train_config(BASE + ["--config", str(unknown)])
-    wrong_type = tmp_path / "wrong.yaml"
-    wrong_type.write_text("epochs: many\n")
-    with pytest.raises(UserError, match="epochs has an invalid value"):
-        load_train_config(BASE + ["--config", str(wrong_type)])
-    preset = tmp_path / "preset.yaml"
-    preset.write_text("preset: huge\n")
-    with pytest.raises(UserError, match="unknown preset 'huge'"):
-        load_train_config(BASE + ["--config", str(preset)])
+
+
+def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="cannot read config file|no such|not found"):
         load_train_config(BASE + ["--config", str(tmp_path / "missing.yaml")])
 
