@@ -513,10 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     # A partial run (--only) writes its own file and leaves the full run's JSON and latest.md as they are.
     stamp = results["machine"]["date"] + (f"-{args.only}" if args.only else "")
     (out / f"{stamp}.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    suffix = f"-{args.only}" if args.only else ""  # a partial run keeps the full run's plots too
     if "training" in results and any("error" not in results["training"][k] for k in ("tutorial", "ours")):
-        plot_loss(results, out / "loss_vs_time.png")
+        plot_loss(results, out / f"loss_vs_time{suffix}.png")
     if "generation" in results:
-        plot_gen(results, out / "gen_chars_per_sec.png")
+        plot_gen(results, out / f"gen_chars_per_sec{suffix}.png")
     table = markdown(results)
     if not args.only:
         (out / "latest.md").write_text(table + "\n")
