@@ -601,8 +601,7 @@ def upload_dir(local_dir: str, url: str) -> list[str]:
     src_root = local_path(local_dir)
     if not os.path.isdir(src_root):
         raise UserError(f"{local_dir} is not a directory; nothing to upload")
-    pairs = sorted((src, dst) for dst, src in
-                   ((join(url, name), os.path.join(src_root, name)) for name in _names_below(src_root)))
+    pairs = sorted((os.path.join(src_root, name), join(url, name)) for name in _names_below(src_root))
     if pairs:
         upload_files(pairs, url)
     return [d for _, d in pairs]

@@ -9,6 +9,7 @@ and every stop decision is all-reduced so no worker is left waiting in a collect
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import os
@@ -100,10 +101,12 @@ def _make_strategy(cpu_threads: int | None = None):
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")  # MWMS logs every collective at INFO
-    if cpu_threads:
+    if cpu_threads and tf.config.threading.get_intra_op_parallelism_threads() != cpu_threads:
         # A Ray worker that reserved N CPUs uses N compute threads: by default TensorFlow sizes its pool to
-        # every core of the node, so workers sharing a node would oversubscribe it. Must precede any op.
-        tf.config.threading.set_intra_op_parallelism_threads(cpu_threads)
+        # every core of the node, so workers sharing a node would oversubscribe it. Must precede any op: a
+        # process that has run TensorFlow already (a notebook, the tests) keeps the threads it has.
+        with contextlib.suppress(RuntimeError):
+            tf.config.threading.set_intra_op_parallelism_threads(cpu_threads)
 
     # Under Ray, job.backend sets TF_CONFIG; in-process runs use the default strategy.
     if os.environ.get("TF_CONFIG"):
