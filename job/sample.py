@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import numpy as np
 import tensorflow as tf
 
@@ -62,23 +65,29 @@ def gumbel(keys: tf.Tensor, step: tf.Tensor, vocab: int | tf.Tensor) -> tf.Tenso
     return -tf.math.log(-tf.math.log(u))
 
 
-def choose(logits: tf.Tensor, temperature, top_k, top_p, keys: tf.Tensor, step) -> tf.Tensor:
-    """Next ids (batch,) from logits (batch, vocab): greedy when temperature == 0, otherwise a draw from
-    softmax(logits / temperature) restricted to top-k / top-p (Gumbel-max with per-sample noise)."""
+GREEDY, SAMPLED, FILTERED = "greedy", "sampled", "filtered"
+
+
+def sampling_mode(temperature: float, top_k: int, top_p: float) -> str:
+    """Which selection rule a call needs, fixed when its loop is traced: greedy (temperature 0), a plain draw, or
+    a draw restricted to top-k / top-p. One compiled program per rule carries no branches for the others (smaller,
+    faster to compile and to run than one program that decides at every step)."""
+    if temperature <= 0:
+        return GREEDY
+    return FILTERED if top_k > 0 or top_p < 1.0 else SAMPLED
+
+
+def choose(logits: tf.Tensor, mode: str, temperature, top_k, top_p, keys: tf.Tensor, step) -> tf.Tensor:
+    """Next ids (batch,) from logits (batch, vocab) by `mode` (sampling_mode): the argmax, or a draw from
+    softmax(logits / temperature), restricted to top-k / top-p when FILTERED (Gumbel-max with per-sample noise)."""
     logits = tf.cast(logits, tf.float32)
-
-    def greedy():
+    if mode == GREEDY:
         return tf.argmax(logits, axis=-1, output_type=tf.int32)
-
-    def sampled():
-        scaled = logits / temperature
-        # Sorting for top-k / top-p costs more than the rest of the step: only when asked for.
-        filtered = tf.cond(tf.logical_or(top_k > 0, top_p < 1.0),
-                           lambda: filter_logits(scaled, top_k, top_p), lambda: scaled)
-        noise = gumbel(keys, step, tf.shape(logits)[-1])
-        return tf.argmax(filtered + noise, axis=-1, output_type=tf.int32)
-
-    return tf.cond(temperature > 0, sampled, greedy)
+    scaled = logits / temperature
+    if mode == FILTERED:  # sorting for top-k / top-p costs more than the rest of the step: only when asked for
+        scaled = filter_logits(scaled, top_k, top_p)
+    noise = gumbel(keys, step, tf.shape(logits)[-1])
+    return tf.argmax(scaled + noise, axis=-1, output_type=tf.int32)
 
 
 def padded_rows(n: int) -> int:
@@ -93,8 +102,8 @@ class Sampler:
 
     xla (default): the per-character loop is compiled by XLA (`jit_compile`), which fuses the LSTM cell, the
     temperature / top-k / top-p step and the per-sample noise into a few kernels: measured 1.2-1.4x the plain
-    graph on CPU (bench/README.md), same output. Priming with the prompt stays a plain `tf.function` that takes
-    any prompt length without recompiling."""
+    graph on CPU (bench/README.md), same output. One loop is traced per selection rule (`sampling_mode`). Priming
+    with the prompt stays a plain `tf.function` that takes any prompt length without recompiling."""
 
     def __init__(self, model, input_mode: str, vocab_size: int, seq_len: int, unknown_id: int | None = None,
                  xla: bool = True):
@@ -108,9 +117,15 @@ class Sampler:
         if unknown_id is not None:
             bias[unknown_id] = -np.inf
         self._bias = tf.constant(bias)
-        loop = self._continue_embedding if input_mode == "embedding" else self._generate_window
-        self._loop = tf.function(loop, jit_compile=xla, reduce_retracing=not xla)
+        self._loops: dict[str, Any] = {}
         self._prime = tf.function(self._prime_states, reduce_retracing=True)
+
+    def _loop(self, mode: str):
+        if mode not in self._loops:
+            loop = self._continue_embedding if self.input_mode == "embedding" else self._generate_window
+            self._loops[mode] = tf.function(functools.partial(loop, mode), jit_compile=self.xla,
+                                            reduce_retracing=not self.xla)
+        return self._loops[mode]
 
     def generate(self, prompts: np.ndarray, length: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, sample_ids: np.ndarray | None = None) -> np.ndarray:
@@ -129,14 +144,15 @@ class Sampler:
         keys = row_keys(int(seed), tf.constant(sample_ids.astype(np.int64)))
         params = (tf.constant(int(length)), tf.constant(float(temperature)), tf.constant(int(top_k)),
                   tf.constant(float(top_p)), keys)
+        loop = self._loop(sampling_mode(temperature, top_k, top_p))
         if self.input_mode == "embedding":
             if prompts.shape[1] > 1:  # prime with all prompt characters but the last; the loop feeds the last
                 states = self._prime(tf.constant(prompts[:, :-1]))
             else:
                 states = [tf.cast(s, tf.float32) for s in model_lib.zero_states(self.model, rows)]
-            out = self._loop(tf.constant(prompts[:, -1]), states, *params)
+            out = loop(tf.constant(prompts[:, -1]), states, *params)
         else:
-            out = self._loop(tf.constant(prompts), *params)
+            out = loop(tf.constant(prompts), *params)
         return out.numpy()[:n]
 
     def _prime_states(self, context):
@@ -144,35 +160,44 @@ class Sampler:
         _, states = model_lib.run_stateful(self.model, context, states, training=False)
         return [tf.cast(s, tf.float32) for s in states]
 
-    def _continue_embedding(self, last_ids, states, length, temperature, top_k, top_p, keys):
-        layers = model_lib.lstm_layers(self.model)
-        embed = self.model.get_layer("embed")
+    def _continue_embedding(self, mode, last_ids, states, length, temperature, top_k, top_p, keys):
+        cells = [layer.cell for layer in model_lib.lstm_layers(self.model)]
+        weights = [[tf.cast(tf.convert_to_tensor(w), tf.float32) for w in (c.kernel, c.recurrent_kernel, c.bias)]
+                   for c in cells]
         head = self.model.get_layer("logits")
+        # The first LSTM's input projection of every character, once per call: each step looks its rows up
+        # instead of multiplying (batch, embed) by (embed, 4 x units), ~10% of a default-preset step's FLOPs.
+        embeddings = tf.cast(tf.convert_to_tensor(self.model.get_layer("embed").embeddings), tf.float32)
+        first = tf.matmul(embeddings, weights[0][0]) + weights[0][2]
 
         def step(ids, states):
-            x = embed(ids)
             new = []
-            for i, layer in enumerate(layers):
-                x, (h, c) = layer.cell(x, [states[2 * i], states[2 * i + 1]], training=False)
-                new += [tf.cast(h, tf.float32), tf.cast(c, tf.float32)]
+            x = None
+            for i, (cell, (kernel, recurrent, bias)) in enumerate(zip(cells, weights, strict=True)):
+                h, c = states[2 * i], states[2 * i + 1]
+                inputs = tf.gather(first, ids) if i == 0 else tf.matmul(x, kernel) + bias
+                z_i, z_f, z_c, z_o = tf.split(inputs + tf.matmul(h, recurrent), 4, axis=-1)  # Keras' gate order
+                c = cell.recurrent_activation(z_f) * c + cell.recurrent_activation(z_i) * cell.activation(z_c)
+                x = cell.recurrent_activation(z_o) * cell.activation(c)
+                new += [x, c]
             return head(x), new
 
         def body(t, ids, states, out):
             logits, states = step(ids, states)
-            nxt = choose(tf.cast(logits, tf.float32) + self._bias, temperature, top_k, top_p, keys, t)
+            nxt = choose(tf.cast(logits, tf.float32) + self._bias, mode, temperature, top_k, top_p, keys, t)
             return t + 1, nxt, states, out.write(t, nxt)
 
         out = tf.TensorArray(tf.int32, size=length)
         _, _, _, out = tf.while_loop(lambda t, *_: t < length, body, (tf.constant(0), last_ids, states, out))
         return tf.transpose(out.stack())
 
-    def _generate_window(self, prompts, length, temperature, top_k, top_p, keys):
+    def _generate_window(self, mode, prompts, length, temperature, top_k, top_p, keys):
         window = prompts[:, -self.seq_len:]
 
         def body(t, window, out):
             probs = self.model(model_lib.scale_ids(window, self.vocab_size), training=False)
             logits = tf.math.log(tf.maximum(tf.cast(probs, tf.float32), 1e-30)) + self._bias
-            nxt = choose(logits, temperature, top_k, top_p, keys, t)
+            nxt = choose(logits, mode, temperature, top_k, top_p, keys, t)
             window = tf.concat([window[:, 1:], nxt[:, None]], axis=1)
             return t + 1, window, out.write(t, nxt)
 
