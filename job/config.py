@@ -40,7 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Sized for the 2-core benchmark (about 1/50 of the tutorial's FLOPs per predicted character, tuned
     # on Alice: see README); on GPUs pass bigger `units` in a --config file.
     "default": dict(
-        input_mode="embedding", units=[192, 192], dropout=0.6, input_dropout=0.2, target="all", stateful=True,
+        input_mode="embedding", units=[192, 192], dropout=0.5, input_dropout=0.2, target="all", stateful=True,
         batch_size=64, epochs=100, seq_len=50, learning_rate=6e-3, clip_norm=5.0, weight_decay=0.1,
         lr_decay=0.5, lr_patience=3, lr_anneal=0.3, embed_dim=64, select_by="val_loss",
     ),
@@ -98,7 +98,7 @@ class TrainConfig:
                               MODEL, choices=("embedding", "scaled"), export=True)
     embed_dim: int = setting(64, "Embedding width (input_mode embedding).", MODEL, export=True)
     units: list[int] = setting([192, 192], "LSTM sizes, one per layer.", MODEL, export=True)
-    dropout: float = setting(0.6, "Dropout after each LSTM.", MODEL, export=True)
+    dropout: float = setting(0.5, "Dropout after each LSTM.", MODEL, export=True)
     input_dropout: float = setting(0.2, "Dropout on the embeddings fed to the first LSTM.", MODEL, export=True)
     target: str = setting("all", "Loss on every position of a window, or on its last character (the tutorial).",
                           MODEL, choices=("all", "last"), export=True)
