@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from job import model as model_lib
 from job.config import PRESETS, TrainConfig
-from job.sample import Sampler, choose, filter_logits, row_keys
+from job.sample import GREEDY, SAMPLED, Sampler, choose, filter_logits, row_keys
 
 V = 11
 
@@ -56,10 +56,10 @@ def test_temperature_sampling_follows_the_distribution():
     probs = np.array([0.6, 0.25, 0.1, 0.05])
     logits = tf.constant(np.log(np.tile(probs, (40000, 1))), tf.float32)
     keys = row_keys(3, tf.range(40000))
-    draws = choose(logits, "sampled", tf.constant(1.0), tf.constant(0), tf.constant(1.0), keys, tf.constant(4))
+    draws = choose(logits, SAMPLED, tf.constant(1.0), tf.constant(0), tf.constant(1.0), keys, tf.constant(4))
     freq = np.bincount(np.asarray(draws), minlength=4) / 40000
     np.testing.assert_allclose(freq, probs, atol=0.01)
-    greedy = choose(logits, "greedy", tf.constant(0.0), tf.constant(0), tf.constant(1.0), keys, tf.constant(4))
+    greedy = choose(logits, GREEDY, tf.constant(0.0), tf.constant(0), tf.constant(1.0), keys, tf.constant(4))
     assert set(np.asarray(greedy).tolist()) == {0}
 
 
