@@ -320,7 +320,7 @@ def _run_on_ray(plan: Plan, todo: list[int], progress) -> list[dict[str, Any]]:
     from job import cluster
 
     cfg = plan.cfg
-    cluster.connect(cfg.num_workers or 1, cfg.cpus_per_worker)
+    cluster.connect(cfg.num_workers or 1, cfg.cpus_per_worker, dashboard=False)
     count = auto_workers(cfg, len(todo))
     cluster.wait_for_capacity(count, cfg.cpus_per_worker, cfg.use_gpu,
                               cluster.check_capacity(count, cfg.cpus_per_worker, cfg.use_gpu),

@@ -114,6 +114,43 @@ def test_mid_epoch_resume_continues_every_stream_exactly(tiny_corpus, tmp_path):
     assert resumed["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_weight_average_is_evaluated_and_exported_while_training_continues_from_the_trained_weights(
+        momentum, tiny_corpus, tmp_path):
+    """--weight-average: the exported model (and so every scored held-out loss) holds the average, which the
+    checkpoint keeps among the optimizer's variables; the checkpoint's model variables are the trained weights,
+    so a resume continues those. Off (0), the exported weights are the trained ones."""
+    out = tmp_path / "out"
+    train_func(make_cfg("default", tiny_corpus, out, epochs=1, weight_average=momentum).to_dict())
+    saved = _latest_variables(out)
+    model_keys = sorted((k for k in saved if k[0] == "m"), key=lambda k: int(k[1:]))
+    trained = [saved[k] for k in model_keys if saved[k].dtype.kind == "f"]  # not the dropout layers' seeds
+    optimizer = [saved[k] for k in saved if k[0] == "o"]
+    exported = [np.asarray(w) for w in export.load(str(out)).model.get_weights()]
+    assert len(exported) == len(trained)
+
+    def holds(arrays, w):
+        return any(a.shape == w.shape and np.array_equal(a, w) for a in arrays)
+
+    for w, t in zip(exported, trained, strict=True):
+        if momentum:
+            assert holds(optimizer, w) and not np.array_equal(w, t)
+        else:
+            np.testing.assert_array_equal(w, t)
+            assert not holds(optimizer, w)
+
+
+def test_loss_plot_is_drawn_at_most_every_interval_and_at_the_last_evaluation(tiny_corpus, tmp_path, monkeypatch):
+    from job import report, worker
+
+    drawn = []
+    monkeypatch.setattr(worker, "PLOT_EVERY_SECONDS", 3600.0)  # longer than the run on any machine
+    monkeypatch.setattr(report, "loss_plot_png", lambda history, title: drawn.append(len(history)) or b"png")
+    train_func(make_cfg("default", tiny_corpus, tmp_path / "out", epochs=4).to_dict())
+    assert drawn == [1, 4]
+    assert (tmp_path / "out" / "loss.png").read_bytes() == b"png"
+
+
 def test_time_budget_stops_cleanly_and_keeps_the_model(tiny_corpus, tmp_path):
     cfg = make_cfg("default", tiny_corpus, tmp_path / "out", epochs=50, max_minutes=1e-6)
     final = train_func(cfg.to_dict())
@@ -153,7 +190,8 @@ def test_checkpoint_every_steps_and_mid_epoch_resume(tiny_corpus, tmp_path):
 
 def test_regularisers_and_learning_rate_decay_on_plateau(tiny_corpus, tmp_path):
     cfg = make_cfg("default", tiny_corpus, tmp_path / "out", epochs=5, input_dropout=0.1, weight_decay=0.01,
-                   lr_decay=0.5, lr_patience=1, learning_rate=0.3, lr_anneal=0.0)  # far too high: the loss stalls
+                   lr_decay=0.5, lr_patience=1, learning_rate=0.3, lr_anneal=0.0,
+                   weight_average=0.0)  # far too high: the loss stalls (an average of the weights would smooth it)
     train_func(cfg.to_dict())
     lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     rates = [round(m["learning_rate"], 6) for m in lines]
