@@ -62,6 +62,11 @@ def resume_mismatches(saved: dict, cfg: TrainConfig) -> list[str]:
     """`key saved -> new` for every setting that differs between a checkpoint's config and this run's."""
     new = cfg.to_dict()
     diffs = [f"{k} {saved.get(k)!r} -> {new[k]!r}" for k in RESUME_KEYS if k in saved and saved.get(k) != new[k]]
+    # The average lives among the optimizer's variables: a checkpoint made with it on (or off) restores only so.
+    had = float(saved.get("weight_average") or 0.0)  # checkpoints from before the setting had none
+    if (had > 0) != (cfg.weight_average > 0):
+        diffs.append(f"weight_average {had:g} -> {cfg.weight_average:g} (pass --weight-average "
+                     f"{had:g} to resume)")
     # Another worker count is fine (each worker takes global / workers windows of the same plan and its
     # streams' states); another global batch would change the data order.
     batch = int(saved.get("global_batch_size") or 0) or \

@@ -92,6 +92,27 @@ def test_generation_job_table_and_goals():
     assert [t["met"] for t in gen_job.targets(job)] == [False, True]
 
 
+def test_generation_job_default_row_is_the_median_run_with_every_run_shown():
+    from bench import gen_job
+
+    def run(job_rate: float, process_rate: float) -> dict:
+        return {"label": "default flags", "flags": [], "chars": 5_000_000, "job_seconds": 5e6 / job_rate,
+                "job_chars_per_sec": job_rate, "process_seconds": 5e6 / process_rate,
+                "process_chars_per_sec": process_rate, "batch_size": 256}
+
+    row = gen_job.median_run([run(90_000.0, 85_000.0), run(101_000.0, 95_000.0), run(99_000.0, 94_000.0)])
+    assert row["job_chars_per_sec"] == 99_000.0 and row["process_chars_per_sec"] == 94_000.0
+    assert [r["job_chars_per_sec"] for r in row["runs"]] == [90_000.0, 101_000.0, 99_000.0]  # in run order
+    text = "\n".join(gen_job.markdown({"samples": 10000, "length": 500, "temperature": 0.8, "rows": [row]}))
+    assert ("| default flags; median of 3 runs (90,000 / 85,000, 101,000 / 95,000, 99,000 / 94,000) | 256 | "
+            "99,000 | 94,000 |") in text
+    # A failed run counts as the slowest; a single run is shown as it is.
+    failed = {"label": "default flags", "flags": [], "error": "boom"}
+    assert gen_job.median_run([failed, run(101_000.0, 95_000.0), run(99_000.0, 94_000.0)])[
+        "job_chars_per_sec"] == 99_000.0
+    assert "runs" not in gen_job.median_run([run(99_000.0, 94_000.0)])
+
+
 def test_training_job_rows_compare_the_cli_with_in_process():
     from bench import train_job
 

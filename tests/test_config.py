@@ -141,6 +141,18 @@ def test_a_resume_may_change_the_worker_count_but_not_the_global_batch():
     assert resume_mismatches(old, same) == []
 
 
+def test_a_resume_keeps_the_weight_average_on_or_off_but_may_change_its_momentum():
+    from job.session import resume_mismatches
+
+    saved = load_train_config(BASE).to_dict()  # the default preset: average on (0.99)
+    assert resume_mismatches(saved, load_train_config(BASE + ["--weight-average", "0.995"])) == []
+    assert resume_mismatches(saved, load_train_config(BASE + ["--weight-average", "0"])) == [
+        "weight_average 0.99 -> 0 (pass --weight-average 0.99 to resume)"]
+    before = {k: v for k, v in saved.items() if k != "weight_average"}  # a checkpoint from before the setting
+    assert resume_mismatches(before, load_train_config(BASE)) == [
+        "weight_average 0 -> 0.99 (pass --weight-average 0 to resume)"]
+
+
 def test_the_dataclass_defaults_are_the_default_preset():
     """One truth: a TrainConfig built without a preset is the `default` preset."""
     from dataclasses import fields
