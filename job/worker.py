@@ -528,6 +528,8 @@ class Trainer:
         if not self.cfg.weight_average:
             yield
             return
+        # Keras keeps the averages in this list, one per trainable variable in build order, and has no public
+        # accessor (only finalize_variable_values, which overwrites the trained weights for good).
         pairs = list(zip(self.model.trainable_variables,
                          self._inner_optimizer()._model_variables_moving_average, strict=True))
         self._swap(pairs)
