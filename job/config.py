@@ -34,14 +34,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # Ours: embedding input, stacked cuDNN-eligible LSTMs, loss on every position, stateful
     # truncated back-propagation over consecutive 50-char windows (char-rnn style: the state is carried
-    # across windows, so it stays sound when generation carries it far beyond one window), dropout on
-    # inputs and outputs, AdamW, learning rate halved after 3 epochs without held-out improvement and
+    # across windows, so it stays sound when generation carries it far beyond one window), dropout of whole
+    # input characters and of LSTM outputs, AdamW, learning rate halved after 3 epochs without held-out improvement and
     # cosine-annealed over the last 30% of the run (by time budget or steps); evaluated and exported as an
     # exponential moving average of the weights (momentum 0.99 per step).
     # Sized for the 2-core benchmark (about 1/50 of the tutorial's FLOPs per predicted character, tuned
     # on Alice: see README); on GPUs pass bigger `units` in a --config file.
     "default": dict(
-        input_mode="embedding", units=[192, 192], dropout=0.5, input_dropout=0.2, target="all", stateful=True,
+        input_mode="embedding", units=[192, 192], dropout=0.4, input_dropout=0.1, input_dropout_unit="char",
+        target="all", stateful=True,
         batch_size=64, epochs=100, seq_len=50, learning_rate=6e-3, clip_norm=5.0, weight_decay=0.1,
         lr_decay=0.5, lr_patience=3, lr_anneal=0.3, embed_dim=64, select_by="val_loss", weight_average=0.99,
     ),
@@ -50,7 +51,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # characters per worker step keeps the cuDNN LSTM kernel busy). Meant for corpora of hundreds of MB and
     # more, hence less dropout. cuDNN-eligible (tests/test_model.py); --precision mixed_bfloat16 is optional.
     "gpu": dict(
-        input_mode="embedding", units=[1024, 1024], dropout=0.2, input_dropout=0.0, target="all", stateful=True,
+        input_mode="embedding", units=[1024, 1024], dropout=0.2, input_dropout=0.0, input_dropout_unit="char",
+        target="all", stateful=True,
         batch_size=256, epochs=20, seq_len=100, learning_rate=2e-3, clip_norm=5.0, weight_decay=0.1,
         lr_decay=0.5, lr_patience=2, lr_anneal=0.3, embed_dim=128, select_by="val_loss",
         eval_every_steps=2000, checkpoint_every_steps=500, weight_average=0.0,
@@ -99,8 +101,13 @@ class TrainConfig:
                               MODEL, choices=("embedding", "scaled"), export=True)
     embed_dim: int = setting(64, "Embedding width (input_mode embedding).", MODEL, export=True)
     units: list[int] = setting([192, 192], "LSTM sizes, one per layer.", MODEL, export=True)
-    dropout: float = setting(0.5, "Dropout after each LSTM.", MODEL, export=True)
-    input_dropout: float = setting(0.2, "Dropout on the embeddings fed to the first LSTM.", MODEL, export=True)
+    dropout: float = setting(0.4, "Dropout after each LSTM.", MODEL, export=True)
+    input_dropout: float = setting(0.1, "Dropout on the embeddings fed to the first LSTM (input_mode embedding).",
+                                   MODEL, export=True)
+    input_dropout_unit: str = setting("char", "What --input-dropout drops: whole input characters (the embedding "
+                                      "vector of a position zeroed: the model must predict from context with "
+                                      "characters missing) or single embedding features.", MODEL,
+                                      choices=("char", "feature"), export=True)
     target: str = setting("all", "Loss on every position of a window, or on its last character (the tutorial).",
                           MODEL, choices=("all", "last"), export=True)
     stateful: bool = setting(True, "Carry LSTM states across consecutive windows (char-rnn's layout; target all).",

@@ -43,7 +43,11 @@ def _build_embedding(cfg: TrainConfig, vocab_size: int) -> keras.Model:
     inputs = keras.Input(shape=(None,), dtype="int32", name="ids")
     x = keras.layers.Embedding(vocab_size, cfg.embed_dim, name="embed")(inputs)
     if cfg.input_dropout > 0:
-        x = keras.layers.Dropout(cfg.input_dropout, seed=cfg.seed + 100, name="dropout_in")(x)
+        # "char": one draw per position drops the character's whole vector, a kind of input noise that kept the
+        # model from over-fitting Alice where more output dropout only slowed learning (bench/README.md).
+        noise_shape = (None, None, 1) if cfg.input_dropout_unit == "char" else None
+        x = keras.layers.Dropout(cfg.input_dropout, noise_shape=noise_shape, seed=cfg.seed + 100,
+                                 name="dropout_in")(x)
     for i, units in enumerate(cfg.units):
         x, _h, _c = keras.layers.LSTM(units, return_sequences=True, return_state=True, name=lstm_name(i))(x)
         x = keras.layers.Dropout(cfg.dropout, seed=cfg.seed + i, name=f"dropout_{i}")(x)

@@ -50,3 +50,21 @@ def test_cpu_threads_auto(preset, batch, reserved, threads):
     assert compute_threads(cfg, batch, reserved) == threads
     cfg.cpu_threads = 3
     assert compute_threads(cfg, batch, reserved) == 3
+
+
+@pytest.mark.parametrize("unit", ["char", "feature"])
+def test_input_dropout_drops_whole_characters_or_single_features(unit):
+    """`char` zeroes a position's whole embedding vector (one draw per character); `feature` zeroes entries."""
+    import numpy as np
+
+    from job import model
+
+    cfg = TrainConfig(**{**PRESETS["default"], "output": "unused", "input_dropout": 0.5,
+                         "input_dropout_unit": unit}).validate()
+    layer = model.build(cfg, vocab_size=10).get_layer("dropout_in")
+    out = np.asarray(layer(np.ones((8, 50, cfg.embed_dim), np.float32), training=True))
+    dropped = out == 0.0
+    whole = dropped.all(axis=-1) | ~dropped.any(axis=-1)  # each position: all features dropped or none
+    assert 0.3 < dropped.mean() < 0.7
+    assert whole.all() if unit == "char" else not whole.all()
+    assert np.allclose(out[~dropped], 2.0)  # kept values are scaled by 1 / (1 - rate)
