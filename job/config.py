@@ -41,7 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Sized for the 2-core benchmark (about 1/50 of the tutorial's FLOPs per predicted character, tuned
     # on Alice: see README); on GPUs pass bigger `units` in a --config file.
     "default": dict(
-        input_mode="embedding", units=[192, 192], dropout=0.4, input_dropout=0.1, input_dropout_unit="char",
+        input_mode="embedding", units=[192, 192], dropout=0.35, input_dropout=0.1, input_dropout_unit="char",
         target="all", stateful=True,
         batch_size=64, epochs=100, seq_len=50, learning_rate=6e-3, clip_norm=5.0, weight_decay=0.1,
         lr_decay=0.5, lr_patience=3, lr_anneal=0.3, embed_dim=64, select_by="val_loss", weight_average=0.99,
@@ -101,7 +101,7 @@ class TrainConfig:
                               MODEL, choices=("embedding", "scaled"), export=True)
     embed_dim: int = setting(64, "Embedding width (input_mode embedding).", MODEL, export=True)
     units: list[int] = setting([192, 192], "LSTM sizes, one per layer.", MODEL, export=True)
-    dropout: float = setting(0.4, "Dropout after each LSTM.", MODEL, export=True)
+    dropout: float = setting(0.35, "Dropout after each LSTM.", MODEL, export=True)
     input_dropout: float = setting(0.1, "Dropout on the embeddings fed to the first LSTM (input_mode embedding).",
                                    MODEL, export=True)
     input_dropout_unit: str = setting("char", "What --input-dropout drops: whole input characters (the embedding "
