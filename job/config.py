@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# A run name is one path segment: it names checkpoints/<name>/ and tensorboard/<name>/ inside --output.
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
@@ -264,6 +267,9 @@ class TrainConfig:
                f"--min-char-count must be >= 1 (got {self.min_char_count})")
         _check(not (self.in_process and self.num_workers > 1),
                "--in-process trains one worker; drop it or use --num-workers 1")
+        _check(self.run_name is None or bool(RUN_NAME.fullmatch(self.run_name)),
+               f"--run-name must be one name of letters, digits, '-', '_' and '.', not starting with '.': it names "
+               f"folders inside --output (got {self.run_name!r})")
         return self
 
 

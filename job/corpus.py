@@ -42,16 +42,24 @@ def normalise(text: str) -> str:
 
 
 def decode(data: bytes, source: str) -> str:
-    """Strict UTF-8 decoding with a message a user can act on."""
+    """Strict UTF-8 decoding with a message a user can act on (job.prepare's streaming decoder says the same)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(f"corpus {source} is UTF-16 text (it starts with a UTF-16 byte-order mark); convert it, "
+                        "e.g. iconv -f utf-16 -t utf-8")
     if b"\x00" in data[:65536]:
-        raise UserError(f"corpus {source} looks binary (NUL bytes); give a plain UTF-8 text file")
+        raise UserError(f"corpus {source} looks binary (NUL bytes; or UTF-16/32 text without a byte-order mark); "
+                        "give a plain UTF-8 text file")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(
             f"corpus {source} is not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
             "convert it, e.g. iconv -f latin1 -t utf-8"
         ) from None
+    if "\x00" in text:  # past the probe: damaged text, not a character to learn
+        at = data.index(b"\x00")
+        raise UserError(f"corpus {source} has a NUL byte at offset {at}; give plain UTF-8 text")
+    return text
 
 
 def clean(text: str, lowercase: bool = True) -> str:

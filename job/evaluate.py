@@ -128,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             if not url:
                 raise UserError("the model does not name its dataset (trained before job.prepare existed); "
                                 "give --corpus URL or --dataset URL")
-        result = score_dataset(exported.model, cfg, exported.vocab, prepare.open_local(url), args.batch_size)
+        dataset = prepare.open_local(url, verify_local=True)
+        trained_on = exported.config.get("corpus_sha256")
+        if not (args.corpus or args.dataset) and trained_on and dataset.meta.get("corpus_sha256") != trained_on:
+            raise UserError(f"the dataset {url} no longer holds the text model {exported.url} was trained on (corpus "
+                            f"sha256 {trained_on[:12]}…, dataset {str(dataset.meta.get('corpus_sha256'))[:12]}…: "
+                            "prepared again from other files); score it with --corpus or --dataset")
+        result = score_dataset(exported.model, cfg, exported.vocab, dataset, args.batch_size)
     print(json.dumps(result), flush=True)
     return 0
 

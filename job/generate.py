@@ -14,6 +14,7 @@ import argparse
 import gzip
 import hashlib
 import json
+import math
 import sys
 import threading
 import time
@@ -22,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from job import guard, schema, storage
 from job import prompts as prompt_lib
-from job import schema, storage
 from job.corpus import Vocab
 from job.errors import UserError, run_cli
 from job.schema import setting
@@ -70,9 +71,10 @@ class GenerateConfig:
             (self.num_samples >= 1, f"--num-samples must be >= 1 (got {self.num_samples})"),
             (self.progress_seconds >= 0, f"--progress-seconds must be >= 0 (got {self.progress_seconds})"),
             (self.length >= 1, f"--length must be >= 1 (got {self.length})"),
-            (self.temperature >= 0, f"--temperature must be >= 0, 0 meaning greedy (got {self.temperature})"),
+            (0 <= self.temperature < math.inf, f"--temperature must be >= 0 and finite, 0 meaning greedy "
+                                               f"(got {self.temperature})"),
             (self.top_k >= 0, f"--top-k must be >= 0, 0 meaning off (got {self.top_k})"),
-            (0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})"),
+            (0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p})"),  # False for nan too
             (self.num_workers >= 0, f"--num-workers must be >= 1, or 0 for auto (got {self.num_workers})"),
             (self.cpus_per_worker > 0, f"--cpus-per-worker must be > 0 (got {self.cpus_per_worker})"),
             (self.batch_size >= 0, f"--batch-size must be >= 1, or 0 for auto (got {self.batch_size})"),
@@ -366,10 +368,48 @@ def progress_line(samples: int, total: int, chars: int, seconds: float, fresh: i
             f"{chars / max(seconds, 1e-9):,.0f} chars/s  elapsed {format_seconds(seconds)}  eta {format_seconds(eta)}")
 
 
+# What a generation output is made of: a shard reused on resume must come from the same model and settings.
+IDENTITY_SETTINGS = ("length", "temperature", "top_k", "top_p", "seed", "shard_size", "prompt", "prompts",
+                     "unknown_chars")
+
+
+def identity(plan: Plan) -> dict[str, Any]:
+    settings = asdict(plan.cfg)
+    return {"model": {"url": plan.model_url, "sha256": plan.model_config.get("model_sha256")},
+            "settings": {k: settings[k] for k in IDENTITY_SETTINGS}}
+
+
+def refuse_mixed_samples(plan: Plan) -> dict[str, Any] | None:
+    """--output holds the samples of one model with one set of sampling settings: a resume with another model
+    (the same URL retrained counts: its sha256 is compared) or other settings is refused in one line."""
+    record = guard.require_kind(plan.cfg.output, "generation", "--output")
+    if record is None:
+        return None
+    now = identity(plan)
+    then_sha, now_sha = record.get("model", {}).get("sha256"), now["model"]["sha256"]
+    if then_sha != now_sha:
+        raise UserError(
+            f"{plan.cfg.output} holds samples of the model at {record.get('model', {}).get('url')} with sha256 "
+            f"{str(then_sha)[:12]}…; the model at {plan.model_url} is {str(now_sha)[:12]}… (retrained or another "
+            "model): give its samples another --output")
+    diffs = guard.differences(record.get("settings", {}), now["settings"], IDENTITY_SETTINGS)
+    if diffs:
+        raise UserError(f"{plan.cfg.output} holds samples made with other settings: {'; '.join(diffs)}; resume with "
+                        "the same flags, or give these samples another --output")
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = load_generate_config(argv)
     storage.check_writable(cfg.output)  # before reading the model: a bad --output fails at once
+    with guard.Lease(cfg.output, "generation", log=lambda line: print(line, flush=True), flag="--output"):
+        return _generate(cfg)
+
+
+def _generate(cfg: GenerateConfig) -> int:
     plan = make_plan(cfg)
+    if refuse_mixed_samples(plan) is None:
+        guard.write_identity(cfg.output, "generation", identity(plan))
     started = time.monotonic()
     storage.remove_stale_temps(storage.join(cfg.output, SAMPLES_DIR))  # left by an interrupted run
     existing = {i: s for i in range(len(plan.shards)) if (s := existing_shard(plan, i)) is not None}

@@ -57,8 +57,12 @@ AUTO_CHARS_PER_COUNT = 10_000_000  # --min-char-count auto: one required occurre
 FORCE_CUT_CHUNKS = 8  # a text chunk is cut anywhere safe-ish once it reaches this many chunks (see _forced_cut)
 MIN_FORCE_CHARS = 1 << 20  # ... and at least this many characters (tests use tiny chunks)
 MAX_IDS = 1 << 16  # ids are stored as uint16 at most
+# Work folders: inside a local dataset folder (results are renamed into place), else in the system's temp folder.
+# Both names carry the preparing process's pid, so a later run can tell an abandoned one (see remove_abandoned).
+LOCAL_TEMP_PREFIX, SYSTEM_TEMP_PREFIX = ".prepare-", "charlstm-prepare-"
 
 _SPACE = "\n "  # what corpus.clean strips from both ends of a file
+NUL = b"\x00"
 
 
 class BadFileError(UserError):
@@ -81,25 +85,74 @@ def _is_http(url: str) -> bool:
     return str(url).lower().startswith(("http://", "https://"))
 
 
-def list_sources(url: str) -> list[Source]:
+def list_sources(url: str, exclude: Iterable[str] = ()) -> list[Source]:
     """The files of a corpus, sorted by name: a folder/prefix (trailing "/" or a directory) lists every file
-    below it, a URL with `*?[` is a glob, anything else is one file (https:// always is). Reads no contents."""
+    below it, a URL with `*?[` is a glob unless a file or folder has that very name, anything else is one file
+    (https:// always is). Reads no contents.
+
+    Outputs never feed inputs: files below `exclude` (the run's own output and dataset) and below any charlstm
+    output or dataset inside the corpus folder are left out, as are FIFOs, devices and sockets (counted)."""
+    return _listing(url, exclude)[0]
+
+
+def _listing(url: str, exclude: Iterable[str] = ()) -> tuple[list[Source], list[str]]:
+    """(sources, notes on what was left out)."""
     if _is_http(url):
         entries = [_single(url)]
-    elif storage.is_glob(url):
+    elif storage.is_glob(url) and not storage.exists(url):
         entries = storage.glob(url)
     elif url.endswith("/") or storage.info(url)["type"] == "directory":
         entries = storage.walk_files(url)
     else:
         entries = [_single(url)]
+    notes = []
+    ours = _charlstm_folders(entries, exclude)
+    if ours:
+        kept = [e for e in entries if not any(_norm(e["url"]).startswith(prefix) for prefix in ours)]
+        notes.append(f"left out {len(entries) - len(kept)} file(s) of charlstm outputs or datasets inside the corpus "
+                     f"({', '.join(sorted(p.rstrip('/') for p in ours)[:3])})")
+        entries = kept
+    special = [e["name"] for e in entries if not e.get("regular", True)]
+    if special:
+        entries = [e for e in entries if e.get("regular", True)]
+        notes.append(f"skipped {len(special)} file(s) that are not regular files (FIFO, device or socket): "
+                     f"{', '.join(special[:5])}")
     if not entries:
-        raise UserError(f"corpus {url}: no files found (names starting with '.' are skipped); "
-                        "check the URL, folder or glob")
-    return sorted((Source(e["url"], e["name"], e["size"], e["version"]) for e in entries), key=lambda s: s.name)
+        raise UserError(f"corpus {url}: no files found (names starting with '.' are skipped"
+                        f"{'; ' + '; '.join(notes) if notes else ''}); check the URL, folder or glob")
+    sources = sorted((Source(e["url"], e["name"], e["size"], e["version"]) for e in entries), key=lambda s: s.name)
+    return sources, notes
+
+
+def _charlstm_folders(entries: list[dict], exclude: Iterable[str]) -> set[str]:
+    """Normalised prefixes ("…/", see _norm) of the charlstm locations among a listing: the ones given, and every
+    folder holding a dataset (meta.json beside train.bin and val.bin) or an output record (our output.json)."""
+    from job import guard
+
+    urls = [_norm(e["url"]) for e in entries]
+    prefixes = {_norm(u).rstrip("/") + "/" for u in exclude if u}
+    by_folder: dict[str, set[str]] = {}
+    for url in urls:
+        folder, _, name = url.rpartition("/")
+        by_folder.setdefault(folder, set()).add(name)
+    for folder, names in by_folder.items():
+        if {META_FILE, TRAIN_FILE, VAL_FILE} <= names:
+            prefixes.add(folder + "/")
+        elif guard.IDENTITY_FILE in names and guard.is_identity_file(storage.join(folder, guard.IDENTITY_FILE)):
+            prefixes.add(folder + "/")
+    return {p for p in prefixes if any(u.startswith(p) for u in urls)}
+
+
+def _norm(url: str) -> str:
+    """A URL in one form for comparing locations: local paths absolute, others as given."""
+    return os.path.abspath(storage.local_path(url)) if storage.is_local(url) else url
 
 
 def _single(url: str) -> dict:
     details = storage.info(url)
+    if details["type"] == "other":
+        raise UserError(f"corpus {url} is not a regular file (a FIFO, device or socket), which cannot be read to an "
+                        "end; give a text file, a folder or a glob")
     name = posixpath.basename(url.split("?", 1)[0].rstrip("/")) if not storage.is_local(url) else \
         os.path.basename(storage.local_path(url))
     return {"url": url, "name": name, "size": details["size"], "version": details["version"]}
@@ -131,12 +184,19 @@ def decode_utf8(raw: Iterable[bytes], source: str) -> Iterator[str]:
     BINARY_PROBE bytes mean binary (checked before any decoding, as there), a bad byte is named with its offset."""
     chunks = iter(raw)
     head = _take_head(chunks, BINARY_PROBE)
-    if b"\x00" in b"".join(head)[:BINARY_PROBE]:
-        raise BadFileError(f"corpus file {source} looks binary (NUL bytes); give plain UTF-8 text files "
-                           "(or pass --skip-bad-files to leave such files out)")
+    start = b"".join(head)[:BINARY_PROBE]
+    if start.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise BadFileError(f"corpus file {source} is UTF-16 text (it starts with a UTF-16 byte-order mark); convert "
+                           "it, e.g. iconv -f utf-16 -t utf-8 (or pass --skip-bad-files to leave it out)")
+    if b"\x00" in start:
+        raise BadFileError(f"corpus file {source} looks binary (NUL bytes; or UTF-16/32 text without a byte-order "
+                           "mark); give plain UTF-8 text files (or pass --skip-bad-files to leave such files out)")
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     fed = 0  # bytes given to the decoder so far
     for chunk in itertools.chain(head, chunks, [None]):
+        if chunk and b"\x00" in chunk:  # past the probe: text with a NUL in it is damaged, not a new character
+            raise BadFileError(f"corpus file {source} has a NUL byte at offset {fed + chunk.index(NUL)}; "
+                               "give plain UTF-8 text (or pass --skip-bad-files to leave it out)")
         pending = len(decoder.getstate()[0])  # bytes of an unfinished character carried from the last call
         try:
             text = decoder.decode(chunk or b"", final=chunk is None)
@@ -432,7 +492,7 @@ def _encode_all(cleaned_path: str, items: list[_Cleaned], splits: list[int], voc
     separator = table[[ord("\n")]].astype(dtype).tobytes()  # files end with "\n": one more makes a blank line
     train_pos = val_pos = 0
     segments: list[list[int]] = []
-    with open(cleaned_path, "rb") as src, open(train_path, "wb") as train, open(val_path, "wb") as val:
+    with open(cleaned_path, "rb") as src, _Hashing(train_path) as train, _Hashing(val_path) as val:
         for i, (item, split) in enumerate(zip(items, splits, strict=True)):
             if i:
                 train.write(separator)
@@ -452,7 +512,41 @@ def _encode_all(cleaned_path: str, items: list[_Cleaned], splits: list[int], voc
                     val.write(part.tobytes())
                     val_pos += len(part)
                 pos = end
-    return train_pos, val_pos, segments
+    return train_pos, val_pos, segments, {TRAIN_FILE: train.sha.hexdigest(), VAL_FILE: val.sha.hexdigest()}
+
+
+class _Hashing:
+    """A file opened for writing that hashes what is written to it (the dataset's checksums cost no extra pass)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sha = hashlib.sha256()
+
+    def __enter__(self) -> _Hashing:
+        self.fh = open(self.path, "wb")  # noqa: SIM115 - closed in __exit__
+        return self
+
+    def write(self, data: bytes) -> None:
+        self.sha.update(data)
+        self.fh.write(data)
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()
+
+
+def file_sha256(path: str, block: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def meta_checksum(meta: dict) -> str:
+    """sha256 of meta.json's contents other than this checksum: an edited meta.json (its vocabulary, its sizes)
+    is told from a prepared one."""
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------ fingerprint
@@ -502,7 +596,7 @@ def _staging(output_url: str) -> Iterator[str]:
     not copied), else the system's. If the work fails, the folders made for it go too: a refused corpus leaves
     nothing in --output."""
     if not storage.is_local(output_url):
-        with tempfile.TemporaryDirectory(prefix="charlstm-prepare-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"{SYSTEM_TEMP_PREFIX}{os.getpid()}-") as tmp:
             yield tmp
         return
     folder = os.path.abspath(storage.local_path(output_url))
@@ -513,7 +607,7 @@ def _staging(output_url: str) -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     done = False
     try:
-        with tempfile.TemporaryDirectory(prefix=".prepare-", dir=folder) as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"{LOCAL_TEMP_PREFIX}{os.getpid()}-", dir=folder) as tmp:
             yield tmp
         done = True
     finally:
@@ -539,15 +633,19 @@ def _publish(tmp: str, output_url: str, meta: dict) -> None:
 def prepare(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fraction: float = 0.1,
             min_char_count: int | str | None = None, skip_bad_files: bool = False,
             log: Callable[[str], None] = print, chunk_chars: int = CHUNK_CHARS,
-            head_chars: int = HEAD_CHARS, validate: Callable[[dict], None] | None = None) -> dict:
+            head_chars: int = HEAD_CHARS, validate: Callable[[dict], None] | None = None,
+            exclude: Iterable[str] = ()) -> dict:
     """Clean, split and encode the corpus at `corpus_url` into `output_url`; returns meta.json's contents.
+    Files below `output_url` and `exclude` (and other charlstm locations) are never read as corpus.
 
     `validate(meta)` may refuse the result (raise UserError) before anything is published: a corpus too short
     for the training settings leaves nothing in the output."""
     started = time.monotonic()
     options = make_options(lowercase, val_fraction, min_char_count, skip_bad_files)
     storage.check_writable(output_url)
-    sources = list_sources(corpus_url)
+    sources, notes = _listing(corpus_url, (output_url, *exclude))
+    for note in notes:
+        log(f"corpus {corpus_url}: {note}")
     with _staging(output_url) as tmp:
         cleaned_path = os.path.join(tmp, "cleaned.txt")
         items, skipped, counts = _clean_all(sources, cleaned_path, lowercase=lowercase,
@@ -564,10 +662,15 @@ def prepare(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fra
         rare = (counts > 0) & (counts < resolved)
         splits = plan_splits([i.chars for i in items], val_fraction)
         if all(s >= i.chars for s, i in zip(splits, items, strict=True)) or min(splits) < 1:
-            raise UserError(f"corpus too short: {total} chars leave no held-out part (each file needs more than "
-                            f"{VAL_CONTEXT + 2} training chars before its tail); use a longer corpus")
+            if len(items) == 1:
+                raise UserError(f"corpus too short: {total} chars leave no held-out part; use a longer corpus")
+            raise UserError(
+                f"corpus too short for a held-out part: each of its {len(items)} files needs more "
+                f"than {VAL_CONTEXT + 2} training chars before its last {val_fraction:.0%}, and the longest has "
+                f"{max(i.chars for i in items)} chars after cleaning; join short files into longer ones (e.g. cat "
+                "*.txt > all.txt) or add longer files")
         dtype = dtype_for(len(vocab))
-        train_chars, val_chars, segments = _encode_all(
+        train_chars, val_chars, segments, digests = _encode_all(
             cleaned_path, items, splits, vocab, dtype, os.path.join(tmp, TRAIN_FILE), os.path.join(tmp, VAL_FILE),
             chunk_chars)
         meta = {
@@ -591,8 +694,10 @@ def prepare(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fra
             "options": {**options, "min_char_count_resolved": resolved},
             "unknown_chars": {"distinct": int(rare.sum()), "occurrences": int(counts[rare].sum()),
                               "examples": [chr(c) for c in np.flatnonzero(rare)[:20]]},
+            "sha256": digests,
             "seconds": round(time.monotonic() - started, 3),
         }
+        meta["checksum"] = meta_checksum(meta)
         if validate is not None:
             validate(meta)
         _publish(tmp, output_url, meta)
@@ -617,53 +722,146 @@ def summary(meta: dict, output_url: str) -> str:
 
 
 def read_meta(dataset_url: str) -> dict | None:
-    """meta.json of a dataset of this format, or None if there is none (or it is unreadable / another format)."""
+    """meta.json of the dataset at `dataset_url`, or None where there is none. A meta.json that is unreadable, of
+    another format or edited since it was prepared is refused in one line (DamagedDataset)."""
     url = storage.join(dataset_url, META_FILE)
-    if not storage.exists(url):
+    found = storage.read_versioned(url)
+    if found is None:
         return None
     try:
-        meta = json.loads(storage.read_text(url))
+        meta = json.loads(found[0])
     except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        return None
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DamagedDataset(f"{url} is not a charlstm dataset's meta.json (unreadable or another format)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DamagedDataset(f"{url} is a dataset of format version {meta.get('format_version')}, this charlstm reads "
+                             f"{FORMAT_VERSION}")
+    if "checksum" in meta and meta["checksum"] != meta_checksum(meta):
+        raise DamagedDataset(f"{url} was edited after the dataset was prepared (its checksum does not match)")
     return meta
 
 
-def find_cached(output_url: str, corpus_url: str, options: dict) -> dict | None:
+class DamagedDataset(UserError):
+    def __init__(self, what: str):
+        super().__init__(f"{what}; prepare it again (python -m job.prepare --corpus C --output D --force) or "
+                         "use another location")
+
+
+def _meta_or_none(dataset_url: str) -> dict | None:
+    """read_meta, with a damaged dataset counting as none (for callers about to replace it)."""
+    try:
+        return read_meta(dataset_url)
+    except DamagedDataset:
+        return None
+
+
+def find_cached(output_url: str, corpus_url: str, options: dict, exclude: Iterable[str] = ()) -> dict | None:
     """The meta of a dataset at `output_url` prepared from the corpus as it is now with these options (see
     make_options), else None. Reads meta.json, the corpus listing and the .bin sizes, never a corpus file."""
     meta = read_meta(output_url)
-    if meta is None or meta.get("fingerprint") != fingerprint(list_sources(corpus_url), options):
+    if meta is None or meta.get("fingerprint") != fingerprint(list_sources(corpus_url, (output_url, *exclude)),
+                                                              options):
         return None
+    return meta if _sizes_match(output_url, meta) else None
+
+
+def _sizes_match(output_url: str, meta: dict) -> bool:
     itemsize = np.dtype(meta["dtype"]).itemsize
     for name, chars in ((TRAIN_FILE, meta["train_chars"]), (VAL_FILE, meta["val_chars"])):
         try:
             size = storage.info(storage.join(output_url, name))["size"]
         except UserError:
-            return None
+            return False
         if size != chars * itemsize:
-            return None
-    return meta
+            return False
+    return True
+
+
+def mismatch(meta: dict, corpus_url: str, options: dict, exclude: Iterable[str] = ()) -> str:
+    """What differs between the dataset `meta` describes and this corpus and options ("" when nothing does)."""
+    if _norm(str(meta.get("corpus_url"))) != _norm(corpus_url):
+        return f"it was prepared from corpus {meta.get('corpus_url')}, not {corpus_url}"
+    saved = {k: v for k, v in meta.get("options", {}).items() if k in options}
+    changed = [f"{k} {saved[k]!r} -> {options[k]!r}" for k in options if k in saved and saved[k] != options[k]]
+    if changed:
+        return f"it was prepared with other options ({', '.join(changed)})"
+    then = {f["name"]: (f["size"], f["version"]) for f in meta.get("files", [])}
+    then.update({f["name"]: None for f in meta.get("skipped_files", [])})
+    now = {s.name: (s.size, s.version) for s in list_sources(corpus_url, exclude)}
+    added, gone = sorted(set(now) - set(then)), sorted(set(then) - set(now))
+    edited = sorted(n for n in set(now) & set(then) if then[n] is not None and tuple(then[n]) != now[n])
+    parts = [f"{label} {', '.join(names[:3])}{' …' if len(names) > 3 else ''}"
+             for label, names in (("added", added), ("removed", gone), ("changed", edited)) if names]
+    return f"the corpus files changed since ({'; '.join(parts) or 'listing differs'})"
+
+
+def remove_abandoned(output_url: str, log: Callable[[str], None]) -> None:
+    """Delete the work folders that killed preparations left: every `.prepare-*` in a local dataset folder (the
+    caller holds its lease, so none is in use) and this host's `charlstm-prepare-<pid>-*` whose process is gone."""
+    import shutil
+
+    import psutil
+
+    gone = []
+    if storage.is_local(output_url) and os.path.isdir(storage.local_path(output_url)):
+        folder = storage.local_path(output_url)
+        gone += [os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(LOCAL_TEMP_PREFIX)]
+    system = tempfile.gettempdir()
+    for name in os.listdir(system):
+        pid = name[len(SYSTEM_TEMP_PREFIX):].split("-", 1)[0]
+        if name.startswith(SYSTEM_TEMP_PREFIX) and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            gone.append(os.path.join(system, name))
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    if gone:
+        log(f"removed {len(gone)} work folder(s) left by an interrupted preparation: {', '.join(gone[:3])}")
+
+
+def verify(dataset_url: str, meta: dict, folder: str | None = None) -> None:
+    """The .bin files (local, in `folder` or the dataset's own) hash to meta.json's sha256; else DamagedDataset."""
+    folder = folder or storage.local_path(dataset_url)
+    for name, digest in meta.get("sha256", {}).items():
+        if file_sha256(os.path.join(folder, name)) != digest:
+            raise DamagedDataset(f"{storage.join(dataset_url, name)} does not match the sha256 in its meta.json "
+                                 "(damaged or changed after preparation)")
 
 
 def ensure(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fraction: float = 0.1,
            min_char_count: int | str | None = None, skip_bad_files: bool = False, force: bool = False,
-           log: Callable[[str], None] = print, validate: Callable[[dict], None] | None = None, **kwargs) -> dict:
-    """A current dataset at `output_url`: the one already there if its fingerprint matches, else prepared now.
-    Either way `validate(meta)` (see prepare) accepts it first."""
+           log: Callable[[str], None] = print, validate: Callable[[dict], None] | None = None,
+           exclude: Iterable[str] = (), owner: str = "job.prepare", **kwargs) -> dict:
+    """A current dataset at `output_url`: the one already there if its fingerprint matches (its checksums
+    verified), else prepared now. A dataset of another corpus or other options is never prepared over unless
+    `force`: it is refused in one line naming the difference. Either way `validate(meta)` (see prepare) accepts
+    it first. Holds the dataset's lease throughout (waiting for another preparer of the same location)."""
+    from job import guard
+
     options = make_options(lowercase, val_fraction, min_char_count, skip_bad_files)
-    if not force:
-        meta = find_cached(output_url, corpus_url, options)
+    storage.check_writable(output_url)
+    guard.require_kind(output_url, "dataset", "--dataset/--output")
+    with guard.Lease(output_url, owner, wait=True, log=log):
+        remove_abandoned(output_url, log)
+        meta = None if force else read_meta(output_url)
         if meta is not None:
-            if validate is not None:
-                validate(meta)
-            log(f"dataset {output_url} is current for {corpus_url} (fingerprint {meta['fingerprint'][:12]}); "
-                "reusing it")
-            return meta
-    log(f"preparing dataset {output_url} from {corpus_url}")
-    return prepare(corpus_url, output_url, lowercase=lowercase, val_fraction=val_fraction,
-                   min_char_count=min_char_count, skip_bad_files=skip_bad_files, log=log, validate=validate, **kwargs)
+            everything = (output_url, *exclude)
+            if meta.get("fingerprint") != fingerprint(list_sources(corpus_url, everything), options):
+                raise UserError(f"{output_url} already holds another dataset: "
+                                f"{mismatch(meta, corpus_url, options, everything)}; use another --dataset/--output, "
+                                "or replace it with python -m job.prepare --force")
+            if _sizes_match(output_url, meta):
+                if validate is not None:
+                    validate(meta)
+                if storage.is_local(output_url):
+                    verify(output_url, meta)
+                log(f"dataset {output_url} is current for {corpus_url} (fingerprint {meta['fingerprint'][:12]}); "
+                    "reusing it")
+                return meta
+            log(f"dataset {output_url} is incomplete (its .bin files do not have meta.json's sizes)")
+        log(f"preparing dataset {output_url} from {corpus_url}")
+        return prepare(corpus_url, output_url, lowercase=lowercase, val_fraction=val_fraction,
+                       min_char_count=min_char_count, skip_bad_files=skip_bad_files, log=log, validate=validate,
+                       exclude=exclude, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -690,10 +888,12 @@ def _memmap(path: str, dtype: str, n: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 
 
-def open_local(dataset_url: str, meta: dict | None = None, cache_dir: str | None = None) -> LocalDataset:
-    """train.bin and val.bin as read-only memory maps. A local dataset is mapped where it is; a remote one is
-    downloaded once per node into cache_folder (several workers wait on one file lock; files appear by
-    atomic rename; a file of the expected size is reused)."""
+def open_local(dataset_url: str, meta: dict | None = None, cache_dir: str | None = None,
+               verify_local: bool = False) -> LocalDataset:
+    """train.bin and val.bin as read-only memory maps. A local dataset is mapped where it is (its checksums
+    verified with `verify_local`: the training driver verifies before the workers start); a remote one is
+    downloaded once per node into cache_folder and verified (several workers wait on one file lock; files appear
+    by atomic rename; a file of the expected size is reused)."""
     meta = meta or read_meta(dataset_url)
     if meta is None:
         raise UserError(f"no prepared dataset at {dataset_url} (no meta.json); run python -m job.prepare first")
@@ -711,12 +911,19 @@ def open_local(dataset_url: str, meta: dict | None = None, cache_dir: str | None
                 path = os.path.join(folder, name)
                 if not (os.path.isfile(path) and os.path.getsize(path) == chars * itemsize):
                     storage.download_file(storage.join(dataset_url, name), path)
+                    digest = meta.get("sha256", {}).get(name)
+                    if digest and file_sha256(path) != digest:
+                        os.remove(path)
+                        raise DamagedDataset(f"{storage.join(dataset_url, name)} does not match the sha256 in "
+                                             "its meta.json (damaged or changed after preparation)")
     for name, chars in wanted.items():
         path = os.path.join(folder, name)
         size = os.path.getsize(path) if os.path.isfile(path) else None
         if size != chars * itemsize:
             raise UserError(f"{storage.join(dataset_url, name)} has {size} bytes, meta.json expects "
                             f"{chars * itemsize}; the dataset is incomplete or being rewritten: prepare it again")
+    if verify_local and storage.is_local(dataset_url):
+        verify(dataset_url, meta)
     vocab = Vocab(tuple(meta["vocab"]["chars"]), has_unknown=bool(meta["vocab"]["unknown"]))
     return LocalDataset(
         train=_memmap(os.path.join(folder, TRAIN_FILE), dtype, meta["train_chars"]),
@@ -742,7 +949,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Characters seen fewer times map to one unknown id (default auto: 1 per 10M chars).")
     p.add_argument("--skip-bad-files", action="store_true",
                    help="Leave out empty, binary or non-UTF-8 files instead of stopping (they are listed).")
-    p.add_argument("--force", action="store_true", help="Prepare again even if the output is current.")
+    p.add_argument("--force", action="store_true", help="Prepare again even if the output is current, replacing "
+                   "whatever dataset is there (another corpus's included).")
     return p
 
 

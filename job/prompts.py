@@ -13,27 +13,43 @@ from job.errors import UserError
 
 
 def from_file(url: str) -> list[str]:
-    """One prompt per line; a line that is a JSON string or an object with "prompt" is decoded (JSONL)."""
-    text = storage.read_text(url)
+    """One prompt per line; a line that is a JSON string or an object with a string "prompt" is decoded (JSONL).
+    Refused in one line naming the line: bytes that are not UTF-8, a line starting with "{" that is not such an
+    object, and in a .jsonl / .json file any line that is not JSON (a malformed line is never taken as text)."""
+    raw = storage.read_bytes(url)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UserError(f"prompts file {url} is not UTF-8 (byte 0x{raw[exc.start]:02x} on line {line}); convert it, "
+                        "e.g. iconv -f latin1 -t utf-8") from None
+    jsonl = url.split("?", 1)[0].lower().endswith((".jsonl", ".json"))
     prompts = []
     for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
         stripped = line.strip()
-        if stripped[0] in "{\"":
-            try:
-                value = json.loads(stripped)
-            except ValueError:
-                value = line
-            if isinstance(value, dict):
-                if not isinstance(value.get("prompt"), str):
-                    raise UserError(f"{url} line {number}: a JSON object needs a string \"prompt\" field")
-                value = value["prompt"]
-            line = value if isinstance(value, str) else line
-        prompts.append(line)
+        if not stripped:
+            continue
+        value = _json_prompt(stripped)
+        if value is None and (stripped[0] == "{" or jsonl):
+            raise UserError(f"prompts file {url} line {number}: not valid JSONL (a JSON string or an object with a "
+                            "string \"prompt\"); fix that line")
+        prompts.append(line if value is None else value)
     if not prompts:
         raise UserError(f"prompts file {url} has no prompts; put one per line")
     return prompts
+
+
+def _json_prompt(stripped: str) -> str | None:
+    """The prompt a JSONL line holds (a JSON string, or an object's string "prompt"), else None."""
+    if stripped[0] not in "{\"":
+        return None
+    try:
+        value = json.loads(stripped)
+    except ValueError:
+        return None
+    if isinstance(value, dict):
+        value = value.get("prompt")
+    return value if isinstance(value, str) else None
 
 
 def corpus_seeds(text: str, count: int, length: int, seed: int) -> list[str]:

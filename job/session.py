@@ -11,7 +11,6 @@ worker that dies right after a report can leave its newest checkpoint uploaded b
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from job import storage
+from job import guard, storage
 from job.checkpoint import PROGRESS, VARIABLES
 from job.config import TrainConfig
 from job.errors import UserError
@@ -77,22 +76,39 @@ def resume_mismatches(saved: dict, cfg: TrainConfig) -> list[str]:
     return diffs
 
 
-def refuse_mixed_runs(cfg: TrainConfig) -> None:
-    """Before anything is written: a run resuming into --output must have the settings its checkpoints were
-    made with, or continuing would silently mix two runs (another model shape, other data, another order)."""
+def refuse_mixed_runs(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Before anything is written: --output holds one run. Another kind of output, another run name, or the same
+    run with settings other than those it was started with (its output.json, or for outputs from before that
+    record, its newest checkpoint) is refused, or continuing would silently mix two runs (another model shape,
+    other data, another order). Returns the output's record (None for a new output)."""
+    record = guard.require_kind(cfg.output, "training", "--output")
+    if record and record.get("run") != cfg.run:
+        raise UserError(
+            f"{cfg.output} already holds run {record.get('run')!r}; a run {cfg.run!r} there would overwrite its "
+            f"model/, metrics and samples: give the new run another --output (or --run-name {record.get('run')} "
+            "to resume that one)")
     found = complete_checkpoints(checkpoint_root(cfg))
-    if not found:
-        return
-    step, url = found[-1]
-    saved = json.loads(storage.read_text(storage.join(url, PROGRESS))).get("config", {})
+    if record:
+        saved, where = record.get("config", {}), f"started {record.get('created', '?')}"
+    elif found:
+        step, url = found[-1]
+        saved = json.loads(storage.read_text(storage.join(url, PROGRESS))).get("config", {})
+        where = f"checkpoint at global step {step}"
+    else:
+        return None
     diffs = resume_mismatches(saved, cfg)
     if not diffs and _corpus_changed(cfg):
         diffs = [f"the files of corpus {cfg.corpus} changed (names, sizes or versions) since its dataset was prepared"]
     if diffs:
         raise UserError(
-            f"{cfg.output} already holds run {cfg.run!r} (checkpoint at global step {step}) made with other "
-            f"settings: {'; '.join(diffs)}; resume with the same settings, or start a new run with another "
-            "--run-name or --output")
+            f"{cfg.output} already holds run {cfg.run!r} ({where}) made with other settings: {'; '.join(diffs)}; "
+            "resume with the same settings, or start a new run with another --output")
+    return record
+
+
+def record_run(cfg: TrainConfig) -> None:
+    """Write --output's identity (output.json) once its run is about to write anything else."""
+    guard.write_identity(cfg.output, "training", {"run": cfg.run, "config": cfg.to_dict()})
 
 
 def _corpus_changed(cfg: TrainConfig) -> bool:
@@ -102,26 +118,22 @@ def _corpus_changed(cfg: TrainConfig) -> bool:
     if prepare.read_meta(cfg.data_url) is None:
         return False  # nothing to compare with: the dataset is prepared anew and the vocabulary checked on restore
     options = prepare.make_options(not cfg.keep_case, cfg.val_fraction, cfg.min_char_count, cfg.skip_bad_files)
-    return prepare.find_cached(cfg.data_url, cfg.corpus, options) is None
+    return prepare.find_cached(cfg.data_url, cfg.corpus, options, (cfg.output,)) is None
 
 
-@contextlib.contextmanager
-def _newest_downloaded(found: list[tuple[int, str]]) -> Iterator[str]:
-    """Download the newest checkpoint that still downloads completely."""
-    last_error: Exception | None = None
-    for _step, url in reversed(found):
+def _downloaded_newest_first(found: list[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+    """(step, local folder) of each listed checkpoint, newest first, each downloaded in turn into a temporary folder
+    that lasts until the next one is asked for. One that vanished since the listing (pruned) is passed over."""
+    for step, url in reversed(found):
         tmp = tempfile.mkdtemp(prefix="charlstm-restore-")
         try:
             try:
                 storage.download_dir(url, tmp)
-            except UserError as exc:
-                last_error = exc  # vanished (pruned) between listing and download: take the next newest
+            except UserError:
                 continue
-            yield tmp
-            return
+            yield step, tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    raise UserError(f"no listed checkpoint could be downloaded ({last_error}); re-run to retry")
 
 
 class Session:
@@ -132,9 +144,10 @@ class Session:
     def __init__(self, cfg: TrainConfig):
         self.root = checkpoint_root(cfg)
 
-    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str] | None:
-        found = complete_checkpoints(self.root)
-        return _newest_downloaded(found) if found else None
+    def checkpoints(self) -> Iterator[tuple[int, str]]:
+        """(global step, local folder) of the complete checkpoints in storage, newest first (see
+        _downloaded_newest_first): the caller restores the first that loads."""
+        return _downloaded_newest_first(complete_checkpoints(self.root))
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         raise NotImplementedError

@@ -364,17 +364,17 @@ def _endpoint_label() -> str:
 
 
 def _other_user_error(url: str, exc: BaseException) -> UserError | None:
+    for e in _chain(exc):  # first: fsspec's http reports a refused connection as FileNotFoundError
+        name = type(e).__name__
+        if name in ("ClientConnectorError", "ClientConnectorDNSError", "ServerTimeoutError",
+                    "ConnectionRefusedError", "gaierror"):
+            return UserError(f"cannot reach {url} ({name}): check the URL, that the server is up, and the network")
     if isinstance(exc, FileNotFoundError):
         return UserError(f"not found: {url}: check the path or URL")
     if isinstance(exc, IsADirectoryError):
         return UserError(f"{url} is a directory, expected a file")
     if isinstance(exc, PermissionError):
         return UserError(f"permission denied: {url}: check the file permissions")
-    for e in _chain(exc):
-        name = type(e).__name__
-        if name in ("ClientConnectorError", "ClientConnectorDNSError", "ServerTimeoutError",
-                    "ConnectionRefusedError", "gaierror"):
-            return UserError(f"cannot reach {url} ({name}): check the URL and the network")
     return None
 
 
@@ -684,20 +684,22 @@ def _hidden(name: str) -> bool:
 def _entries(url: str, fs, root: str, found: dict) -> list[dict]:
     """walk_files/glob entries of the visible files in an fsspec find/glob result, sorted by name."""
     out = [{"url": u, "name": name, "size": details.get("size"),
-            "version": _version(u, root + "/" + name, details)}
+            "version": _version(u, root + "/" + name, details), "regular": details.get("type", "file") == "file"}
            for u, name, details in _files_below(url, fs, root, found) if not _hidden(name)]
     return sorted(out, key=lambda e: e["name"])
 
 
 def info(url: str) -> dict:
-    """{"url", "type": "file" | "directory", "size", "version"} for one file/object or folder/prefix (one
+    """{"url", "type": "file" | "directory" | "other", "size", "version"} for one file/object or folder/prefix (one
     request on S3). A missing path is a one-line UserError."""
     with translate_errors(url):
         fs, path = _fs(url)
         details = fs.info(path)
         if details.get("type") == "directory":
             return {"url": url, "type": "directory", "size": 0, "version": None}
-        return {"url": url, "type": "file", "size": details.get("size"), "version": _version(url, path, details)}
+        # "other": a FIFO, device or socket (or a link to one), which would block or never end if read
+        kind = "file" if details.get("type", "file") == "file" else "other"
+        return {"url": url, "type": kind, "size": details.get("size"), "version": _version(url, path, details)}
 
 
 def walk_files(url: str) -> list[dict]:
@@ -734,3 +736,145 @@ def open_read(url: str) -> Iterator:
         fs, path = _fs(url)
         with fs.open(path, "rb") as fh:
             yield fh
+
+
+# -------------------------------------------------------------------------------------- conditional writes
+# The primitive under job.guard's leases: "create only if absent" and "replace only if unchanged since I read it".
+# S3 does both itself (PutObject with If-None-Match: * / If-Match: <ETag>, answered 412 when the condition fails);
+# a local folder gets the same from an exclusive flock on the folder held across read, compare and rename.
+# The version token is the ETag on S3 and the sha256 of the contents locally.
+
+_CONDITION_FAILED = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+
+
+@contextlib.contextmanager
+def _folder_locked(path: str) -> Iterator[None]:
+    """An exclusive flock on the folder holding `path` (created if missing), released on exit or process death."""
+    import fcntl
+
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _local_version(path: str) -> tuple[bytes, str] | None:
+    import hashlib
+
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def read_versioned(url: str) -> tuple[bytes, str] | None:
+    """(contents, version token) of a file/object, or None when there is none."""
+    with translate_errors(url):
+        fs, path = _fs(url)
+        if is_local(url):
+            return _local_version(path)
+        if not _is_s3(url):
+            return _other_version(fs, path)
+        bucket, key = path.split("/", 1)
+        try:
+            response = fs.call_s3("get_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None
+        return _read_body(fs, response["Body"]), str(response["ETag"])
+
+
+def _is_s3(url: str) -> bool:
+    return _scheme(url) in ("s3", "s3a")
+
+
+def _other_version(fs, path: str) -> tuple[bytes, str] | None:
+    """Other fsspec filesystems (memory:// in tests, gs://...): contents and their sha256, with no atomic check."""
+    import hashlib
+
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _read_body(fs, body) -> bytes:
+    """An aiobotocore streaming body read to the end on s3fs's event loop."""
+    from fsspec.asyn import sync
+
+    async def read() -> bytes:
+        try:
+            return await body.read()
+        finally:
+            body.close()
+
+    return sync(fs.loop, read)
+
+
+def write_if(url: str, data: bytes, token: str | None) -> str | None:
+    """Write `data` to `url` only if it is absent (token None) or still the version `token`; returns the new
+    version token, or None when the condition failed (someone else wrote or removed it first)."""
+    with translate_errors(url):
+        fs, path = _fs(url)
+        if is_local(url):
+            with _folder_locked(path):
+                current = _local_version(path)
+                if (current is None) != (token is None) or (current is not None and current[1] != token):
+                    return None
+                with _replacing(path) as tmp, open(tmp, "wb") as fh:
+                    fh.write(data)
+                return _local_version(path)[1]
+        if not _is_s3(url):  # best effort: read, compare, write
+            current = _other_version(fs, path)
+            if (current is None) != (token is None) or (current is not None and current[1] != token):
+                return None
+            fs.pipe_file(path, data)
+            return _other_version(fs, path)[1]
+        bucket, key = path.split("/", 1)
+        condition = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
+        try:
+            response = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+        except FileExistsError:
+            return None
+        except Exception as exc:
+            vanished = token is not None and isinstance(exc, FileNotFoundError)  # If-Match on a deleted object
+            if vanished or _client_error_code(exc) in _CONDITION_FAILED:
+                return None
+            raise
+        return str(response["ETag"])
+
+
+def delete_if(url: str, token: str) -> bool:
+    """Delete `url` if it is still the version `token` (True), else leave it (False). Locally exact; on S3 the
+    version is checked with a HEAD just before the DELETE (a writer that takes over a live lease does not exist:
+    see job.guard)."""
+    with translate_errors(url):
+        fs, path = _fs(url)
+        if is_local(url):
+            with _folder_locked(path):
+                current = _local_version(path)
+                if current is None or current[1] != token:
+                    return False
+                os.unlink(path)
+                return True
+        if not _is_s3(url):
+            current = _other_version(fs, path)
+            if current is None or current[1] != token:
+                return False
+            fs.rm_file(path)
+            return True
+        bucket, key = path.split("/", 1)
+        try:
+            head = fs.call_s3("head_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return False
+        if str(head["ETag"]) != token:
+            return False
+        fs.call_s3("delete_object", Bucket=bucket, Key=key)
+        return True

@@ -11,9 +11,9 @@ import signal
 import sys
 from typing import Any
 
-from job import cluster, report, storage
+from job import cluster, guard, report, storage
 from job.config import TrainConfig, load_train_config
-from job.errors import run_cli
+from job.errors import UserError, run_cli
 
 
 def preflight(cfg: TrainConfig) -> dict[str, Any]:
@@ -24,16 +24,17 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     reused on resubmission and resume, so workers never read raw text) and be long enough for one batch and the
     held-out protocol; last, a growing cluster is waited for (bounded). A refusal before the dataset step
     leaves --output as it was."""
-    from job.session import refuse_mixed_runs
+    from job.session import record_run, refuse_mixed_runs
     from job.worker import ensure_dataset
 
-    storage.check_writable(cfg.output)
-    refuse_mixed_runs(cfg)
+    record = refuse_mixed_runs(cfg)
     wait = 0.0
     if not cfg.in_process:
         cluster.connect(cfg.num_workers, cfg.cpus_per_worker)
         wait = cluster.check_capacity(cfg.worker_counts[0], cfg.cpus_per_worker, cfg.use_gpu, cfg.capacity_wait_minutes)
     meta = ensure_dataset(cfg, log=lambda line: print(line, flush=True))
+    if record is None:
+        record_run(cfg)
     # After the dataset: preparing a large corpus and an autoscaler bringing nodes up both take minutes.
     cluster.wait_for_capacity(cfg.worker_counts[0], cfg.cpus_per_worker, cfg.use_gpu, wait,
                               log=lambda line: print(line, flush=True))
@@ -72,8 +73,29 @@ def launch_ray(cfg: TrainConfig) -> dict[str, Any]:
     )
     result = _fit_interruptibly(trainer)
     if result.error:
-        raise result.error
+        user_error = _user_error_in(result.error)
+        raise user_error or result.error
     return result.return_value or {}
+
+
+def _user_error_in(error: BaseException) -> UserError | None:
+    """A UserError a worker raised (damaged data, no checkpoint that loads), found inside Ray Train's wrappers
+    (WorkerGroupError.worker_failures, ControllerError, RayTaskError.cause, exception chains): one line for the
+    user, as the driver's own refusals are."""
+    seen, todo = set(), [error]
+    while todo:
+        exc = todo.pop(0)
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, UserError):
+            cause = getattr(exc, "cause", None)  # Ray's RayTaskError posing as the worker's exception class
+            text = str(cause if isinstance(cause, UserError) else exc).strip().splitlines()
+            return UserError(text[-1] if text else type(exc).__name__)
+        todo += list(getattr(exc, "worker_failures", {}).values())
+        todo += [getattr(exc, "controller_failure", None), getattr(exc, "cause", None), exc.__cause__,
+                 exc.__context__]
+    return None
 
 
 def _fit_interruptibly(trainer):
@@ -100,13 +122,17 @@ def _fit_interruptibly(trainer):
 def main(argv: list[str] | None = None) -> int:
     cfg = load_train_config(argv)
     report.quiet_tensorflow(cfg.verbose)
-    preflight(cfg)
-    if cfg.in_process:
-        from job.worker import train_func
+    storage.check_writable(cfg.output)
+    # One writer per --output for the whole run: the driver holds the lease, so Ray's worker restarts and elastic
+    # resizes stay one writer, and a second command into the same --output is refused in one line.
+    with guard.Lease(cfg.output, f"training run {cfg.run!r}", log=lambda line: print(line, flush=True)):
+        preflight(cfg)
+        if cfg.in_process:
+            from job.worker import train_func
 
-        final = train_func(cfg.to_dict())
-    else:
-        final = launch_ray(cfg)
+            final = train_func({**cfg.to_dict(), "_dataset_ready": True})
+        else:
+            final = launch_ray(cfg)
     print(json.dumps({"final": final}, sort_keys=True), flush=True)
     return 0
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from job import checkpoint, data, report, storage
 from job.config import EXPORTED_SETTINGS, TrainConfig
-from job.errors import check_interrupt, deferred_interrupts
+from job.errors import UserError, check_interrupt, deferred_interrupts
 from job.evaluate import HeldOutScorer
 from job.schedule import (
     ProgressTicker,
@@ -132,7 +132,7 @@ def ensure_dataset(cfg: TrainConfig, log=print) -> dict[str, Any]:
 
     return prepare.ensure(cfg.corpus, cfg.data_url, lowercase=not cfg.keep_case, val_fraction=cfg.val_fraction,
                           min_char_count=cfg.min_char_count, skip_bad_files=cfg.skip_bad_files, log=log,
-                          validate=long_enough)
+                          validate=long_enough, exclude=(cfg.output,), owner=f"training run {cfg.run!r}")
 
 
 def load_hooks() -> Any:
@@ -151,7 +151,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
     cfg = TrainConfig.from_dict(config)
     report.import_tensorflow(cfg.verbose)  # a Ray worker of `ray job submit` has not inherited the driver's setting
     in_ray = bool(config.get("_in_ray"))
-    if not in_ray:
+    if not (in_ray or config.get("_dataset_ready")):  # the driver (job.train) prepares it once per run
         ensure_dataset(cfg, log=lambda _line: None)
     session = detect_session(cfg, in_ray=in_ray)
     with deferred_interrupts():  # Ctrl-C / SIGTERM stop the run after the current step, never inside TensorFlow
@@ -352,10 +352,7 @@ class Trainer:
         self.strategy = _make_strategy(threads)  # must exist before any other TensorFlow op
         self._prepare_data()
         self._build()
-        resumed = self.session.latest_checkpoint()
-        if resumed:
-            with resumed as directory:
-                self._restore_checkpoint(directory)
+        resumed = self._resume()
         p = self.progress
         if resumed:
             self.session.log(f"resumed from checkpoint: epoch {p.epoch}, step {p.step_in_epoch} of the next "
@@ -425,6 +422,22 @@ class Trainer:
                                f"sum {summed:.0f} over {self.world}); the group will be restarted")
 
     # ---------------------------------------------------------------- checkpoints and LSTM states
+    def _resume(self) -> bool:
+        """Restore the newest checkpoint that loads; a damaged one is passed over with one line. False: none."""
+        tried = 0
+        for step, directory in self.session.checkpoints():
+            tried += 1
+            try:
+                self._restore_checkpoint(directory)
+                return True
+            except checkpoint.Damaged as exc:
+                self.session.log(f"checkpoint at global step {step} cannot be restored ({exc}); "
+                                 "trying the one before it")
+        if tried:
+            raise UserError(f"none of the {tried} checkpoint(s) of run {self.cfg.run!r} in {self.cfg.output} can be "
+                            "restored (see the lines above); start the run again in another --output")
+        return False
+
     def _restore_checkpoint(self, directory: str) -> None:
         progress, states = checkpoint.restore(directory, self.model, self.optimizer, self.vocab.chars)
         self.progress = Progress(**progress)

@@ -127,6 +127,8 @@ def test_tutorial_generation_is_one_command(models, tmp_path):
     "flags, fragment",
     [
         (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--temperature", "inf"], "--temperature must be >= 0 and finite"),
+        (["--temperature", "nan"], "--temperature must be >= 0 and finite"),
         (["--top-p", "0"], "--top-p must be in (0, 1]"),
         (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["--top-k", "-2"], "--top-k must be >= 0"),

@@ -51,7 +51,7 @@ def test_other_settings_are_refused_and_the_output_is_untouched(first_run, chang
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
-    assert named in errors[0] and "already holds run 'run'" in errors[0] and "--run-name or --output" in errors[0]
+    assert named in errors[0] and "already holds run 'run'" in errors[0] and "another --output" in errors[0]
     assert _snapshot(out) == before
 
 
@@ -69,9 +69,15 @@ def test_a_changed_corpus_is_refused(first_run, tmp_path):
     assert _snapshot(out) == before
 
 
-def test_same_settings_resume_and_a_new_run_name_starts_fresh(first_run):
+def test_another_run_name_is_refused_and_a_new_output_starts_fresh(first_run, tmp_path):
     corpus, config, out = first_run
-    fresh = _train("--corpus", str(corpus), "--output", str(out), "--config", str(config), "--epochs", "1",
+    before = _snapshot(out)
+    other = _train("--corpus", str(corpus), "--output", str(out), "--config", str(config), "--epochs", "1",
                    "--preset", "seed-small", "--run-name", "other")
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert f"{out} already holds run 'run'; a run 'other' there would overwrite" in other.stderr
+    assert _snapshot(out) == before
+    fresh = _train("--corpus", str(corpus), "--output", str(tmp_path / "new"), "--config", str(config), "--epochs",
+                   "1", "--preset", "seed-small", "--run-name", "other")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "resumed" not in fresh.stdout
