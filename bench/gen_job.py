@@ -17,14 +17,17 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# Issue goals for this job on a 2-core machine (default flags, 10,000 x 500 chars).
+# Goals for this job on a 2-core machine, default flags: 10,000 x 500 chars (job-reported and whole process), and a
+# small job of 2,000 x 500, where start-up weighs most (whole process).
 TARGET_JOB_CHARS_PER_SEC = 100_000.0
 TARGET_PROCESS_CHARS_PER_SEC = 80_000.0
+SMALL_SAMPLES = 2_000
+TARGET_SMALL_PROCESS_CHARS_PER_SEC = 60_000.0
 DEFAULT_REPEATS = 3
 # (label, extra flags): the default is what `python -m job.generate --model M --output O` does.
 VARIANTS = [
-    ("default flags (local Ray: one worker per free CPU, batch 256, XLA)", []),
-    ("`--in-process` (no Ray, all cores in one process)", ["--in-process"]),
+    ("default flags (no cluster given: one process, all cores, batch 256, XLA)", []),
+    ("`--num-workers 2` (a local Ray, one actor per core)", ["--num-workers", "2"]),
     ("`--no-xla` (plain TensorFlow graph)", ["--no-xla"]),
 ]
 
@@ -49,32 +52,33 @@ def run(corpus: str, workdir: Path, samples: int = 10_000, length: int = 500) ->
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"== generation job: training a default-preset model for the runs ({workdir / 'gen-model'})", flush=True)
     model = train_model(corpus, workdir)
-    rows = []
-    for number, (label, flags) in enumerate(VARIANTS):
-        runs = []
-        # The default is what the goals are about: run it DEFAULT_REPEATS times and keep the median run (this VM
-        # gives the same command +-10% run to run); every run's rates stay in the row.
-        for _ in range(DEFAULT_REPEATS if number == 0 else 1):
-            out = workdir / "gen-job"
-            shutil.rmtree(out, ignore_errors=True)
-            cmd = [sys.executable, "-m", "job.generate", "--model", model, "--output", str(out), "--num-samples",
-                   str(samples), "--length", str(length), "--temperature", "0.8", "--seed", "7", *flags]
-            print(f"== generation job, {label}: {samples:,} x {length}", flush=True)
-            proc, wall = _run(cmd)
-            if proc.returncode != 0:
-                runs.append({"label": label, "flags": flags, "error": proc.stderr[-2000:]})
-                print(f"   failed: {proc.stderr[-500:]}", flush=True)
-                continue
-            final = json.loads(proc.stdout.strip().splitlines()[-1])
-            manifest = json.loads((out / "manifest.json").read_text())
-            runs.append({"label": label, "flags": flags, "chars": final["chars"], "job_seconds": final["seconds"],
-                         "job_chars_per_sec": final["chars_per_sec"], "process_seconds": wall,
-                         "process_chars_per_sec": final["chars"] / wall,
-                         "batch_size": manifest["parameters"]["batch_size"]})
-            print(f"   job-reported {final['chars_per_sec']:,.0f} chars/s; whole process {final['chars'] / wall:,.0f} "
-                  f"chars/s ({wall:.1f} s)", flush=True)
-        rows.append(median_run(runs))
-    return {"samples": samples, "length": length, "temperature": 0.8, "rows": rows}
+    # The default is what the goals are about: run it DEFAULT_REPEATS times and keep the median run (this VM gives
+    # the same command +-10% run to run); every run's rates stay in the row.
+    rows = [median_run([_one(model, workdir, label, flags, samples, length)
+                        for _ in range(DEFAULT_REPEATS if number == 0 else 1)])
+            for number, (label, flags) in enumerate(VARIANTS)]
+    label = f"default flags, a small job: {SMALL_SAMPLES:,} x {length}"
+    small = median_run([_one(model, workdir, label, [], SMALL_SAMPLES, length) for _ in range(DEFAULT_REPEATS)])
+    return {"samples": samples, "length": length, "temperature": 0.8, "rows": rows, "small": small}
+
+
+def _one(model: str, workdir: Path, label: str, flags: list[str], samples: int, length: int) -> dict[str, Any]:
+    out = workdir / "gen-job"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "job.generate", "--model", model, "--output", str(out), "--num-samples",
+           str(samples), "--length", str(length), "--temperature", "0.8", "--seed", "7", *flags]
+    print(f"== generation job, {label}: {samples:,} x {length}", flush=True)
+    proc, wall = _run(cmd)
+    if proc.returncode != 0:
+        print(f"   failed: {proc.stderr[-500:]}", flush=True)
+        return {"label": label, "flags": flags, "error": proc.stderr[-2000:]}
+    final = json.loads(proc.stdout.strip().splitlines()[-1])
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"   job-reported {final['chars_per_sec']:,.0f} chars/s; whole process {final['chars'] / wall:,.0f} "
+          f"chars/s ({wall:.1f} s)", flush=True)
+    return {"label": label, "flags": flags, "chars": final["chars"], "job_seconds": final["seconds"],
+            "job_chars_per_sec": final["chars_per_sec"], "process_seconds": wall,
+            "process_chars_per_sec": final["chars"] / wall, "batch_size": manifest["parameters"]["batch_size"]}
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -88,15 +92,22 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def targets(job: dict[str, Any]) -> list[dict[str, Any]]:
-    default = job["rows"][0]
-    if "error" in default:
-        return []
-    return [{"target": f"generation job, default flags: job-reported >= {TARGET_JOB_CHARS_PER_SEC:,.0f} chars/s",
+    default, small = job["rows"][0], job.get("small")
+    found = []
+    if "error" not in default:
+        found += [
+            {"target": f"generation job, default flags: job-reported >= {TARGET_JOB_CHARS_PER_SEC:,.0f} chars/s",
              "measured": default["job_chars_per_sec"],
              "met": bool(default["job_chars_per_sec"] >= TARGET_JOB_CHARS_PER_SEC)},
             {"target": f"generation job, default flags: whole process >= {TARGET_PROCESS_CHARS_PER_SEC:,.0f} chars/s",
              "measured": default["process_chars_per_sec"],
              "met": bool(default["process_chars_per_sec"] >= TARGET_PROCESS_CHARS_PER_SEC)}]
+    if small and "error" not in small:
+        found.append({"target": f"generation job, default flags, {SMALL_SAMPLES:,} samples: whole process >= "
+                                f"{TARGET_SMALL_PROCESS_CHARS_PER_SEC:,.0f} chars/s",
+                      "measured": small["process_chars_per_sec"],
+                      "met": bool(small["process_chars_per_sec"] >= TARGET_SMALL_PROCESS_CHARS_PER_SEC)})
+    return found
 
 
 def markdown(job: dict[str, Any], kernel_rows: list[dict[str, Any]] | None = None) -> list[str]:
@@ -104,7 +115,7 @@ def markdown(job: dict[str, Any], kernel_rows: list[dict[str, Any]] | None = Non
              f"temperature {job['temperature']:g}", "",
              "| run | batch | job-reported chars/s | whole process chars/s | whole process seconds |",
              "|---|---:|---:|---:|---:|"]
-    for r in job["rows"]:
+    for r in [*job["rows"], *([job["small"]] if job.get("small") else [])]:
         if "error" in r:
             lines.append(f"| {r['label']} | | failed | | |")
             continue

@@ -164,9 +164,10 @@ class TrainConfig:
     capacity_wait_minutes: float | None = setting(None, "Minutes to wait for the cluster to grow to fit the "
                                                   "workers (default: 15 where Ray's autoscaler v2 runs, else 0: a "
                                                   "cluster that cannot fit them is refused at once).", JOB)
-    run_name: str | None = setting(None, "Run name (default: run): checkpoints go to <output>/checkpoints/<name>/; "
-                                   "re-submitting the same name and --output resumes the run, with the same "
-                                   "settings.", JOB)
+    run_name: str | None = setting(None, "Run name, one name of letters, digits, '-', '_', '.' (default: run): "
+                                   "checkpoints go to <output>/checkpoints/<name>/; re-submitting the same name and "
+                                   "--output resumes the run, with the same settings (an --output holds one run).",
+                                   JOB)
     max_failures: int = setting(3, "Worker-group restarts allowed before failing.", JOB)
     checkpoint_every_steps: int = setting(0, "Also checkpoint every N optimizer steps (0: only at evaluations).",
                                           JOB)

@@ -167,6 +167,16 @@ class Vocab:
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
+    def decode_rows(self, ids: np.ndarray) -> list[str]:
+        """decode() of every row of a 2-D id array at numpy speed (a million seeds in about a second, not 90)."""
+        ids = np.asarray(ids)
+        if ids.shape[1] == 0:
+            return [""] * len(ids)
+        rows = np.asarray(self.chars, dtype="<U1")[ids]
+        texts = np.ascontiguousarray(rows).view(f"<U{ids.shape[1]}").ravel().tolist()
+        # numpy drops trailing NULs from fixed-width strings: decode such rows one by one
+        return [t if len(t) == ids.shape[1] else self.decode(row) for t, row in zip(texts, ids, strict=True)]
+
     def to_json(self) -> str:
         return json.dumps({"chars": list(self.chars), "unknown": self.has_unknown}, ensure_ascii=False, indent=0)
 

@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
                    "folder with the model's cleaning options).")
     p.add_argument("--val-fraction", type=float, help="With --corpus: held-out fraction (default: the model's).")
     p.add_argument("--batch-size", type=int, default=256, help="Windows scored per call (default 256).")
+    p.add_argument("--verbose", action="store_true", help="Also show TensorFlow's start-up notices.")
     return p
 
 
@@ -113,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
     if args.dataset and args.corpus:
         raise UserError("give --dataset or --corpus, not both")
-    from job import export, prepare
+    from job import export, prepare, report
 
+    report.import_tensorflow(args.verbose)  # before Keras: TensorFlow's start-up notices dropped unless --verbose
     exported = export.load(args.model)
     cfg = TrainConfig.from_dict(exported.config)
     with tempfile.TemporaryDirectory(prefix="charlstm-eval-") as tmp:

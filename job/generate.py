@@ -61,7 +61,8 @@ class GenerateConfig:
     unknown_chars: str = setting("error", "Prompt characters outside the vocabulary: error, or skip them.",
                                  choices=("error", "skip"))
     print_samples: bool = setting(False, "Also print every sample to stdout.", name="print")
-    in_process: bool = setting(False, "Generate in this process without Ray.")
+    in_process: bool = setting(False, "Generate in this process without Ray (the default when no cluster is given "
+                               "(RAY_ADDRESS), --num-workers is left at 0 and there is no --use-gpu).")
     progress_seconds: float = setting(30.0, "Without a terminal (ray job submit, a RayJob, a log file): a progress "
                                       "line at most every N seconds, as shards complete (0: every shard). A "
                                       "terminal shows a progress bar.")
@@ -89,6 +90,16 @@ class GenerateConfig:
             if not ok:
                 raise UserError(message)
         return self
+
+    @property
+    def runs_in_process(self) -> bool:
+        """--in-process, or nothing asks for Ray: no cluster given (RAY_ADDRESS), the worker count left to us and no
+        GPU. One process then does the work as fast as Ray's actors would (TensorFlow spreads each step over the
+        cores), without a local Ray's start, one TensorFlow import per actor and one compile per actor: seconds
+        that dominate a job of a few thousand samples."""
+        import os
+
+        return self.in_process or not (os.environ.get("RAY_ADDRESS") or self.num_workers or self.use_gpu)
 
     @property
     def batch(self) -> int:
@@ -134,18 +145,20 @@ class Plan:
                 "model": self.model_url}
 
 
-def _corpus_seeds(model_config: dict[str, Any], count: int, length: int, seed: int, lowercase: bool) -> list[str]:
-    """Seeds from the training text of the model's prepared dataset (memory-mapped: a gigabyte corpus is never
-    read into memory); models trained before datasets existed read their corpus file."""
+def _corpus_seeds(model_config: dict[str, Any], vocab: Vocab, count: int, length: int, seed: int,
+                  lowercase: bool) -> tuple[list[str], bool]:
+    """(seeds, whether they are in `vocab` already) from the training text of the model's prepared dataset
+    (memory-mapped: a gigabyte corpus is never read into memory); models trained before datasets existed read
+    their corpus file."""
     from job import corpus as corpus_lib
     from job import prepare
 
     url = model_config.get("dataset")
     if url and prepare.read_meta(url) is not None:
         ds = prepare.open_local(url)
-        return prompt_lib.corpus_seed_ids(ds.train, ds.vocab, count, length, seed)
-    return prompt_lib.corpus_seeds(corpus_lib.load(model_config["corpus"], lowercase=lowercase).text, count,
-                                   length, seed)
+        return prompt_lib.corpus_seed_ids(ds.train, ds.vocab, count, length, seed), ds.vocab == vocab
+    text = corpus_lib.load(model_config["corpus"], lowercase=lowercase).text
+    return prompt_lib.corpus_seeds(text, count, length, seed), False
 
 
 def make_plan(cfg: GenerateConfig) -> Plan:
@@ -164,19 +177,21 @@ def make_plan(cfg: GenerateConfig) -> Plan:
         raise UserError(f"{folder} has no {export.MODEL_FILE}; give the training --output of a finished run")
     lowercase = model_config.get("lowercase", True)
     seq_len = int(model_config.get("seq_len", 100))
-    if cfg.prompt is not None:
-        base = [cfg.prompt]
-    elif cfg.prompts:
-        base = prompt_lib.from_file(cfg.prompts)
+    if cfg.prompt is not None or cfg.prompts:
+        base = [cfg.prompt] if cfg.prompt is not None else prompt_lib.from_file(cfg.prompts)
+        if lowercase:
+            base = [p.lower() for p in base]
+        encoded = prompt_lib.encode_all(base, vocab, cfg.unknown_chars == "skip")
+        cleaned = [vocab.decode(ids) for ids in encoded]
+        prompts = [cleaned[i % len(cleaned)] for i in range(cfg.num_samples)]
     else:
-        # The tutorial's 100-char seeds; its own models need exactly their window.
+        # The tutorial's 100-char seeds (its own models need exactly their window), one per sample, cut from the
+        # encoded training text: already in the vocabulary, so a million of them need no encoding round trip.
         seed_len = seq_len if model_config.get("input_mode") == "scaled" else 100
-        base = _corpus_seeds(model_config, cfg.num_samples, seed_len, cfg.seed, lowercase)
-    if lowercase:
-        base = [p.lower() for p in base]
-    encoded = prompt_lib.encode_all(base, vocab, cfg.unknown_chars == "skip")
-    cleaned = [vocab.decode(ids) for ids in encoded]
-    prompts = [cleaned[i % len(cleaned)] for i in range(cfg.num_samples)]
+        prompts, in_vocab = _corpus_seeds(model_config, vocab, cfg.num_samples, seed_len, cfg.seed, lowercase)
+        if not in_vocab:
+            prompts = [vocab.decode(ids) for ids in prompt_lib.encode_all(
+                [p.lower() for p in prompts] if lowercase else prompts, vocab, cfg.unknown_chars == "skip")]
     return Plan(cfg=cfg, model_url=folder, model_config=model_config, vocab_chars=vocab.chars, prompts=prompts)
 
 
@@ -285,12 +300,13 @@ class ShardGenerator:
         return summary(plan, index, records, blob)
 
 
-def _run_in_process(plan: Plan, todo: list[int], progress) -> list[dict[str, Any]]:
+def _run_in_process(plan: Plan, todo: list[int], progress, ready) -> list[dict[str, Any]]:
     from concurrent.futures import ThreadPoolExecutor
 
     from job.errors import check_interrupt, deferred_interrupts
 
     done = []
+    ready()
     with deferred_interrupts():  # Ctrl-C / SIGTERM stop between shards, never inside TensorFlow
         generator = ShardGenerator(plan)
         with ThreadPoolExecutor(2) as pool:  # shard i+1 generates while shard i is written
@@ -316,7 +332,7 @@ def auto_workers(cfg: GenerateConfig, shards: int) -> int:
     return max(1, min(shards, int(fits + 1e-9)))
 
 
-def _run_on_ray(plan: Plan, todo: list[int], progress) -> list[dict[str, Any]]:
+def _run_on_ray(plan: Plan, todo: list[int], progress, ready) -> list[dict[str, Any]]:
     import ray
 
     from job import cluster
@@ -327,17 +343,25 @@ def _run_on_ray(plan: Plan, todo: list[int], progress) -> list[dict[str, Any]]:
     cluster.wait_for_capacity(count, cfg.cpus_per_worker, cfg.use_gpu,
                               cluster.check_capacity(count, cfg.cpus_per_worker, cfg.use_gpu),
                               log=lambda line: print(line, flush=True))
+    ready()
     actor_cls = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if cfg.use_gpu else 0,
                            max_concurrency=2)(ShardGenerator)
     threads = max(1, round(cfg.cpus_per_worker))
     workers = [actor_cls.remote(plan, threads) for _ in range(min(count, len(todo)))]
-    # Each actor listed twice: two shards in hand per actor, one generating while the other is written.
-    pool = ray.util.ActorPool([w for w in workers for _ in range(2)])
-    done = []
-    for result in pool.map_unordered(lambda w, i: w.run.remote(i), todo):
-        done.append(result)
-        progress(result)
-    return done
+    try:
+        # Each actor listed twice: two shards in hand per actor, one generating while the other is written.
+        pool = ray.util.ActorPool([w for w in workers for _ in range(2)])
+        done = []
+        for result in pool.map_unordered(lambda w, i: w.run.remote(i), todo):
+            done.append(result)
+            progress(result)
+        return done
+    finally:
+        # Ended here, deliberately: an actor left to die with the driver's process aborted in its core worker's
+        # destructor and printed a crash trace after the job's summary line.
+        for worker in workers:
+            ray.kill(worker, no_restart=True)
+        ray.shutdown()
 
 
 def write_manifest(plan: Plan, shards: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
@@ -408,8 +432,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _generate(cfg: GenerateConfig) -> int:
     plan = make_plan(cfg)
-    if refuse_mixed_samples(plan) is None:
-        guard.write_identity(cfg.output, "generation", identity(plan))
+    new_output = refuse_mixed_samples(plan) is None
+
+    def ready() -> None:
+        """The job will run (the cluster fits it): --output gets its identity before the first shard."""
+        if new_output:
+            guard.write_identity(cfg.output, "generation", identity(plan))
+
     started = time.monotonic()
     storage.remove_stale_temps(storage.join(cfg.output, SAMPLES_DIR))  # left by an interrupted run
     existing = {i: s for i in range(len(plan.shards)) if (s := existing_shard(plan, i)) is not None}
@@ -435,8 +464,8 @@ def _generate(cfg: GenerateConfig) -> int:
             print(progress_line(samples[0], cfg.num_samples, chars[0], now - started, samples[0] - done_before),
                   flush=True)
 
-    runner = _run_in_process if cfg.in_process else _run_on_ray
-    fresh = runner(plan, todo, progress) if todo else []
+    runner = _run_in_process if cfg.runs_in_process else _run_on_ray
+    fresh = runner(plan, todo, progress, ready) if todo else ready() or []
     bar.close()
     seconds = time.monotonic() - started
     manifest = write_manifest(plan, [*existing.values(), *fresh], seconds)

@@ -11,6 +11,8 @@ from job import storage
 from job.corpus import Vocab
 from job.errors import UserError
 
+SEED_BLOCK = 65536  # seeds decoded at a time
+
 
 def from_file(url: str) -> list[str]:
     """One prompt per line; a line that is a JSON string or an object with a string "prompt" is decoded (JSONL).
@@ -65,7 +67,11 @@ def corpus_seed_ids(ids: np.ndarray, vocab: Vocab, count: int, length: int, seed
     if len(ids) <= length:
         raise UserError(f"corpus has {len(ids)} chars, too short for {length}-char seeds; give --prompt")
     starts = np.random.default_rng([int(seed), 0xC0FFEE]).integers(0, len(ids) - length, count)
-    return [vocab.decode(ids[s : s + length]) for s in starts]
+    offsets = np.arange(length)
+    out: list[str] = []
+    for i in range(0, count, SEED_BLOCK):  # bounded memory for millions of seeds
+        out += vocab.decode_rows(ids[starts[i:i + SEED_BLOCK, None] + offsets])
+    return out
 
 
 def encode_all(prompts: list[str], vocab: Vocab, skip_unknown: bool) -> list[np.ndarray]:

@@ -80,8 +80,12 @@ def quiet_tensorflow(verbose: bool) -> None:
     """TensorFlow's C++ INFO and WARNING notices (oneDNN, CUDA probing) in this process and in every Ray worker it
     starts (they inherit the driver's environment or receive it through train_func's config). Must precede the
     first TensorFlow import; `import_tensorflow` does that import."""
+    import job
+
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    elif job.QUIET_BY_US and "tensorflow" not in sys.modules:
+        os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)  # --verbose: TensorFlow's own default level
 
 
 # What `import tensorflow` prints before TensorFlow's own logging (and TF_CPP_MIN_LOG_LEVEL) is in force: absl's

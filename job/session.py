@@ -88,14 +88,13 @@ def refuse_mixed_runs(cfg: TrainConfig) -> dict[str, Any] | None:
             f"model/, metrics and samples: give the new run another --output (or --run-name {record.get('run')} "
             "to resume that one)")
     found = complete_checkpoints(checkpoint_root(cfg))
-    if record:
-        saved, where = record.get("config", {}), f"started {record.get('created', '?')}"
-    elif found:
-        step, url = found[-1]
-        saved = json.loads(storage.read_text(storage.join(url, PROGRESS))).get("config", {})
-        where = f"checkpoint at global step {step}"
-    else:
+    if not (record or found):
         return None
+    where = f"checkpoint at global step {found[-1][0]}" if found else f"started {record.get('created', '?')}"
+    if record:
+        saved = record.get("config", {})
+    else:  # an output from before output.json: its newest checkpoint says how it was made
+        saved = json.loads(storage.read_text(storage.join(found[-1][1], PROGRESS))).get("config", {})
     diffs = resume_mismatches(saved, cfg)
     if not diffs and _corpus_changed(cfg):
         diffs = [f"the files of corpus {cfg.corpus} changed (names, sizes or versions) since its dataset was prepared"]

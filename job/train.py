@@ -11,23 +11,26 @@ import signal
 import sys
 from typing import Any
 
-from job import cluster, guard, report, storage
+from job import cluster, guard, prepare, report, storage
 from job.config import TrainConfig, load_train_config
 from job.errors import UserError, run_cli
 
 
 def preflight(cfg: TrainConfig) -> dict[str, Any]:
-    """Before any training, in this order: --output must be writable (its bucket exists and answers these
-    credentials, or its local folder can take files); a run resuming into --output must have its checkpoints'
-    settings; under Ray, the cluster must be able to fit the workers (or be able to grow: job.cluster); then the
-    prepared dataset must exist for this corpus and these options (made here once, streaming the raw files;
-    reused on resubmission and resume, so workers never read raw text) and be long enough for one batch and the
-    held-out protocol; last, a growing cluster is waited for (bounded). A refusal before the dataset step
-    leaves --output as it was."""
+    """Before any training, in this order (main has checked that --output is writable and taken its lease):
+    --output must hold this run or nothing (job.session.refuse_mixed_runs); the corpus must list and the dataset
+    location take files, both before any Ray starts; under Ray, the cluster must be able to fit the workers (or be
+    able to grow: job.cluster); then the prepared dataset must exist for this corpus and these options (made here
+    once, streaming the raw files; reused on resubmission and resume, so workers never read raw text) and be long
+    enough for one batch and the held-out protocol; last, a growing cluster is waited for (bounded). A refusal
+    before the dataset step leaves --output as it was."""
     from job.session import record_run, refuse_mixed_runs
     from job.worker import ensure_dataset
 
     record = refuse_mixed_runs(cfg)
+    # Everything that can be checked without a cluster, before one starts: a typo costs a second, not Ray's start.
+    prepare.list_sources(cfg.corpus, (cfg.output, cfg.data_url))
+    storage.check_writable(cfg.data_url)
     wait = 0.0
     if not cfg.in_process:
         cluster.connect(cfg.num_workers, cfg.cpus_per_worker)
@@ -71,10 +74,15 @@ def launch_ray(cfg: TrainConfig) -> dict[str, Any]:
             logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
         ),
     )
-    result = _fit_interruptibly(trainer)
-    if result.error:
-        user_error = _user_error_in(result.error)
-        raise user_error or result.error
+    try:
+        result = _fit_interruptibly(trainer)
+        if result.error:
+            raise result.error
+    except Exception as exc:
+        user_error = _user_error_in(exc)
+        if user_error is None:
+            raise
+        raise user_error from None
     return result.return_value or {}
 
 

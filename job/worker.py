@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import math
 import os
 import tempfile
@@ -160,6 +161,30 @@ def train_func(config: dict[str, Any]) -> dict[str, Any]:
         except RunAborted as e:
             print(f"worker {session.rank}: stopping: {e}", flush=True)
             return {}
+        except UserError:
+            if in_ray:
+                _QuietUserErrorTrace.install()
+            raise
+
+
+class _QuietUserErrorTrace(logging.Filter):
+    """Drops the traceback Ray Train logs for a worker's UserError (damaged data, no checkpoint that loads): the
+    driver reports it in one line (job.train), and a trace through our code would read as a crash. Installed only
+    as such an error leaves train_func, so any other failure keeps its trace."""
+
+    LOGGER = "ray.train.v2._internal.util"  # where Ray logs "Error in training function: <traceback>"
+
+    @classmethod
+    def install(cls) -> None:
+        logger = logging.getLogger(cls.LOGGER)
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Error in training function"):
+            logging.getLogger(self.LOGGER).removeFilter(self)  # this one error only
+            return False
+        return True
 
 
 def _replica_step(cfg: TrainConfig, model, opt, vocab_size: int, global_batch: int):

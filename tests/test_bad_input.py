@@ -180,3 +180,27 @@ def test_more_than_the_cluster_has_fails_the_job_at_once(ray_cluster, s3_server,
     assert result.status == "FAILED" and result.returncode != 0, result.describe()
     assert_one_line_error(result.logs, fragment, ray_logs=True)
     assert s3_keys(s3_server.client(), s3_server.bucket, f"{base}/out") == []
+
+
+# ------------------------------------------------------------------------------- refused before Ray starts
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("case", ["missing corpus", "missing corpus bucket", "unreachable endpoint"])
+def test_bad_input_is_refused_before_any_ray_starts(s3_server, tmp_path, ray_tmp, corpus, case):
+    """Without --in-process the job would start a local Ray; what can be checked without one is checked first,
+    so a typo costs no cluster start: no Ray process, no Ray session folder, no Ray line."""
+    env = {"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""}
+    output = str(tmp_path / "out")
+    if case == "missing corpus":
+        args, fragment = ["--corpus", str(tmp_path / "nope.txt")], "not found"
+    elif case == "missing corpus bucket":
+        args, fragment = ["--corpus", f"s3://{MISSING_BUCKET}/c.txt"], f"S3 bucket '{MISSING_BUCKET}' does not exist"
+    else:
+        endpoint = f"http://127.0.0.1:{_closed_port()}"
+        env.update(AWS_ENDPOINT_URL=endpoint, AWS_MAX_ATTEMPTS="1")
+        args, fragment = ["--corpus", "s3://bucket/c.txt"], f"cannot reach the S3 endpoint {endpoint}"
+    proc = run("job.train", *args, "--output", output, env=env, timeout=120)
+    assert_user_error(proc, fragment)
+    assert "Ray" not in proc.stdout + proc.stderr
+    assert list(ray_tmp.iterdir()) == [] and not Path(output).exists()

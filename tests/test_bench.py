@@ -125,3 +125,21 @@ def test_training_job_rows_compare_the_cli_with_in_process():
     failed = "\n".join(train_job.markdown({"error": "job.train exited with 1: boom", "process_wall_sec": 3}, ours))
     assert "failed: job.train exited with 1: boom" in failed
     assert train_job._final('noise\n{"final": {"epoch": 2}}\n') == {"epoch": 2}
+
+
+def test_generation_job_small_row_and_its_goal():
+    from bench import gen_job
+
+    small = {"label": "default flags, a small job: 2,000 x 500", "flags": [], "chars": 1_000_000,
+             "job_seconds": 12.0, "job_chars_per_sec": 83_333.0, "process_seconds": 16.0,
+             "process_chars_per_sec": 62_500.0, "batch_size": 256}
+    job = {"samples": 10000, "length": 500, "temperature": 0.8, "small": small, "rows": [
+        {"label": "default flags", "flags": [], "chars": 5_000_000, "job_seconds": 50.0, "job_chars_per_sec": 100000.0,
+         "process_seconds": 62.5, "process_chars_per_sec": 80000.0, "batch_size": 256}]}
+    assert "| default flags, a small job: 2,000 x 500 | 256 | 83,333 | 62,500 | 16.0 |" in "\n".join(
+        gen_job.markdown(job))
+    found = gen_job.targets(job)
+    assert [t["met"] for t in found] == [True, True, True] and "2,000 samples: whole process >= 60,000" in found[2][
+        "target"]
+    small["process_chars_per_sec"] = 59_000.0
+    assert [t["met"] for t in gen_job.targets(job)] == [True, True, False]

@@ -93,3 +93,15 @@ def test_a_gutenberg_book_cleans_to_exactly_its_story(tmp_path, style, crlf, bom
     assert loaded.sha256 == corpus.sha256(body.lower() + "\n")
     assert corpus.load(str(path), lowercase=False).text == body + "\n"
     assert "gutenberg" not in loaded.text and "\r" not in loaded.text and "\ufeff" not in loaded.text
+
+
+def test_decode_rows_is_decode_of_every_row():
+    import numpy as np
+
+    from job.corpus import Vocab
+
+    vocab = Vocab(("\x00", "\n", " ", "a", "é", "😀"))
+    ids = np.random.default_rng(1).integers(0, len(vocab), (500, 7))
+    ids[3, -2:] = 0  # trailing NULs, which numpy's fixed-width strings would drop
+    assert vocab.decode_rows(ids) == [vocab.decode(row) for row in ids]
+    assert vocab.decode_rows(np.zeros((2, 0), np.int64)) == ["", ""]

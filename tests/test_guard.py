@@ -354,3 +354,19 @@ def test_plain_prompt_lines_may_start_with_a_quote(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text('"Hello," said Alice\n"the cat"\n')
     assert prompts.from_file(str(path)) == ['"Hello," said Alice', "the cat"]
+
+
+@pytest.mark.e2e
+def test_an_s3_dataset_of_another_corpus_is_refused_and_an_edited_meta_too(s3_server, s3_prefix, tmp_path):
+    first, other = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text(textgen.book(6000, 1))
+    other.write_text(textgen.book(6000, 2))
+    url = f"{s3_prefix}/ds"
+    prepare.ensure(str(first), url, log=lambda _l: None)
+    with pytest.raises(UserError, match=f"{url} already holds another dataset: it was prepared from corpus {first}"):
+        prepare.ensure(str(other), url, log=lambda _l: None)
+    meta = json.loads(storage.read_text(f"{url}/meta.json"))
+    meta["train_chars"] -= 1
+    storage.write_text(f"{url}/meta.json", json.dumps(meta))
+    with pytest.raises(UserError, match="meta.json was edited after the dataset was prepared"):
+        prepare.ensure(str(first), url, log=lambda _l: None)

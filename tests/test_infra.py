@@ -373,3 +373,24 @@ def test_bucket_setup_reads_region_and_endpoint_as_the_job_does(monkeypatch):
     for url, custom in [("https://s3.eu-west-1.amazonaws.com", False), ("https://s3.cn-north-1.amazonaws.com.cn",
                         False), ("http://minio:9000", True), ("https://amazonaws.com.evil.example", True)]:
         assert storage.is_custom_endpoint(url) is custom, url
+
+
+def test_the_demo_runs_offline_on_invented_prose(tmp_path):
+    """`make demo` on a machine without internet: one line saying so, then a corpus the project writes itself
+    (the demo's URL here is a closed port on loopback: nothing is downloaded in a test)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    target = tmp_path / "pg11.txt"
+    proc = subprocess.run([sys.executable, "-m", "infra.demo_corpus", str(target), f"http://127.0.0.1:{port}/pg11.txt"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{target}.generated" and not target.exists()
+    assert proc.stderr.startswith("== cannot download the corpus (") and len(proc.stderr.splitlines()) == 1
+    assert "Traceback" not in proc.stderr
+    text = Path(proc.stdout.strip()).read_text()
+    assert len(text) == 160_000 and "START OF" in text  # a whole synthetic book, Gutenberg wrapping included

@@ -127,3 +127,39 @@ def test_only_pre_init_info_and_warning_lines_are_dropped():
             "/x/y.py:3: DeprecationWarning: old\n")
     assert report.drop_pre_init_noise(text) == ("E0000 00:00:1795979322.832820    5322 cuda_dnn.cc:8310] Unable to "
                                                  "register cuDNN factory\n/x/y.py:3: DeprecationWarning: old\n")
+
+
+PROGRESS = re.compile(r"^generated [\d,]+/[\d,]+ samples \(\d+%\)  [\d,]+ chars/s  elapsed \S+  eta \S+$")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("flags", [[], ["--num-workers", "2"]], ids=["default", "local-ray"])
+def test_a_generation_ends_with_its_summary_line(tmp_path, ray_tmp, flags):
+    """Default flags, 2,000 x 500 (no cluster given: one process does the work): progress lines and the summary,
+    nothing else. With --num-workers a local Ray runs the actors; they are ended deliberately, so nothing (no
+    actor's crash trace at exit) follows the summary either."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(story(8000, seed=6))
+    model = tmp_path / "model"
+    settings = {k: v for k, v in TINY.items() if k != "epochs"}
+    from job.config import PRESETS, TrainConfig
+    from job.worker import train_func
+
+    train_func(TrainConfig(**{**PRESETS["default"], **settings, "epochs": 1, "corpus": str(corpus),
+                              "output": str(model), "in_process": True}).validate().to_dict())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "TF_CPP_"))}
+    env.update(RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "job.generate", "--model", str(model), "--output",
+                               str(tmp_path / "gen"), "--num-samples", "2000", *flags], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400,
+                              stdin=subprocess.DEVNULL)
+    finally:
+        assert not wait_until_gone(str(ray_tmp)), "a process of the job's local Ray outlived it"
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    lines = [RAY_PREFIX.sub("", ANSI.sub("", x)) for x in proc.stdout.splitlines() if x.strip()]
+    assert lines[-1].startswith('{"samples": 2000, "chars": 1000000, '), proc.stdout[-4000:]
+    if not flags:
+        assert all(PROGRESS.match(x) for x in lines[:-1]) and lines[:-1], proc.stdout[-4000:]
+    else:
+        assert PROGRESS.match(lines[-2]), proc.stdout[-4000:]

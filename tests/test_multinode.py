@@ -152,7 +152,7 @@ def test_elastic_run_continues_on_the_surviving_node_with_the_same_losses(cluste
     assert refused.stderr.strip().splitlines() == [
         f"error: {out} already holds run 'el' (checkpoint at global step {final['global_step']}) made with other "
         "settings: global batch 8 -> 4 (pass --global-batch-size 8 to resume on another number of workers); "
-        "resume with the same settings, or start a new run with another --run-name or --output"]
+        "resume with the same settings, or start a new run with another --output"]
     assert [m["epoch"] for m in _metrics(out)] == list(range(1, EPOCHS + 1))
     continued = subprocess.run([*base, "--global-batch-size", "8"], capture_output=True, text=True, timeout=300)
     assert continued.returncode == 0, continued.stderr[-3000:]

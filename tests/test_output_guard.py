@@ -138,6 +138,7 @@ def test_evaluate_refuses_a_dataset_prepared_again_from_other_text(base, tmp_pat
     out = copy_run(base, "evaluated")
     ok = run("job.evaluate", "--model", str(out), timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stderr == "" and len(ok.stdout.splitlines()) == 1, ok  # its result line only: no TensorFlow notices
     other = tmp_path / "other.txt"
     other.write_text(textgen.book(5000, seed=12))
     forced = run("job.prepare", "--corpus", str(other), "--output", str(out / "data"), "--force")
@@ -241,3 +242,44 @@ def test_a_generation_never_mixes_two_models_or_two_settings(base, tmp_path):
                       f"{gen} holds samples of the model at {model / 'model'} with sha256")
     assert snapshot(gen) == before
     assert_user_error(generate(model, model), f"{model} is a training output; give this generation output its own")
+
+
+@pytest.mark.e2e
+def test_an_s3_generation_never_mixes_two_models(base, s3_server, s3_prefix):
+    model = copy_run(base, "retrained-s3")
+    gen = f"{s3_prefix}/gen"
+    first = run("job.generate", "--in-process", "--model", str(model), "--output", gen, "--num-samples", "2",
+                "--length", "5", timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    exported = json.loads((model / "model" / "config.json").read_text())
+    exported["model_sha256"] = "0" * 64  # what a retrained model's record says; the file itself is not read
+    (model / "model" / "config.json").write_text(json.dumps(exported))
+    again = run("job.generate", "--in-process", "--model", str(model), "--output", gen, "--num-samples", "2",
+                "--length", "5", timeout=300)
+    assert_user_error(again, f"{gen} holds samples of the model at {model / 'model'} with sha256")
+
+
+@pytest.mark.e2e
+def test_a_damaged_dataset_found_by_a_ray_worker_is_one_line(ray_cluster, s3_server, s3_prefix, tmp_path):
+    """The driver verifies a local dataset; a remote one is verified where a node downloads it. A worker's verdict
+    reaches the user as the driver's own refusals do: one line, not Ray Train's wrapped traceback."""
+    from logcheck import assert_one_line_error
+
+    from job import prepare
+
+    base = s3_prefix.split("/", 3)[3]
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{base}/corpus.txt",
+                                  Body=textgen.book(6000, seed=2).encode())
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{base}/tiny.yaml", Body=yaml.safe_dump(TINY).encode())
+    corpus, out = f"{s3_prefix}/corpus.txt", f"{s3_prefix}/run"
+    prepare.ensure(corpus, f"{out}/data", log=lambda _l: None)
+    key = f"{base}/run/data/val.bin"
+    blob = bytearray(s3_server.get_bytes(key))
+    blob[-1] ^= 1
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key=key, Body=bytes(blob))
+    result = ray_cluster.submit(["python", "-m", "job.train", "--corpus", corpus, "--output", out, "--config",
+                                 f"{s3_prefix}/tiny.yaml", "--max-failures", "0"],
+                                env={"CHARLSTM_CACHE_DIR": str(tmp_path / "node-cache")}, timeout=300)
+    assert not result.ok, result.describe()
+    assert_one_line_error(result.logs, f"{out}/data/val.bin does not match the sha256 in its meta.json",
+                          ray_logs=True)

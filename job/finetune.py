@@ -1,0 +1,126 @@
+"""Fine-tuning: a new run whose weights start from a trained model (`job.train --init-from URL`).
+
+The parent is a training --output, its model/ folder, or one checkpoint folder. Its vocabulary comes first in
+the new dataset (every old id unchanged); characters the new corpus adds are appended after them (the unknown
+id, if any, stays last), or with --vocab-from-init they map to the unknown id. Its settings are the new run's
+defaults (a flag may change what does not change a weight's shape), and its weights are copied row for row,
+the rows of new characters starting at the mean of the old ones.
+
+The plain-data half (reading the parent, the vocabulary, the settings) is TensorFlow-free; `transfer` is not.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from job import storage
+from job.corpus import UNKNOWN_CHAR, Vocab
+from job.errors import UserError
+
+# Settings that decide a weight's shape (with the vocabulary): taken from the parent, never overridden.
+SHAPE_SETTINGS = ("input_mode", "embed_dim", "units")
+# Settings the parent passes on as the new run's defaults (a flag or --config file may change them).
+INHERITED = (*SHAPE_SETTINGS, "preset", "target", "stateful", "seq_len", "keep_case", "val_fraction",
+             "dropout", "input_dropout", "input_dropout_unit", "weight_decay", "clip_norm", "weight_average",
+             "batch_size", "global_batch_size", "lr_decay", "lr_anneal", "select_by")
+# A fine-tuning run starts from a trained model: a gentler learning rate than the parent's, and one epoch without
+# improvement (not the preset's three) before it decays.
+LEARNING_RATE_DIVISOR = 5.0
+PATIENCE = 1
+
+
+@dataclass(frozen=True)
+class Parent:
+    url: str  # the folder the weights come from (model/ or a checkpoint folder)
+    kind: str  # "model" or "checkpoint"
+    config: dict[str, Any]  # its training settings
+    vocab: Vocab
+    sha256: str  # of model.keras, or of the checkpoint's variables.npz
+
+
+def find_parent(url: str) -> Parent:
+    """The model or checkpoint at `url` (a training --output, its model/ folder, or a checkpoint folder)."""
+    from job import checkpoint, export
+
+    progress_url = storage.join(url, checkpoint.PROGRESS)
+    if storage.exists(progress_url) and storage.exists(storage.join(url, checkpoint.VARIABLES)):
+        try:
+            saved = json.loads(storage.read_text(progress_url))
+            vocab = saved["vocab"]
+            config = saved["config"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"--init-from {url}: its {checkpoint.PROGRESS} is damaged; give another checkpoint or the "
+                            "run's model/") from None
+        digest = saved.get("variables_sha256") or ""
+        has_unknown = bool(vocab) and vocab[-1] == UNKNOWN_CHAR  # the unknown id is always last (job.corpus.Vocab)
+        return Parent(url, "checkpoint", config, Vocab(tuple(vocab), has_unknown=has_unknown), digest)
+    folder = export.resolve(url)
+    try:
+        config = json.loads(storage.read_text(storage.join(folder, export.CONFIG_FILE)))
+    except ValueError:
+        raise UserError(f"--init-from {url}: {export.CONFIG_FILE} is not valid JSON; re-export the model") from None
+    vocab = Vocab.from_json(storage.read_text(storage.join(folder, export.VOCAB_FILE)))
+    return Parent(folder, "model", config, vocab, str(config.get("model_sha256") or ""))
+
+
+def inherited_settings(parent: Parent) -> dict[str, Any]:
+    """The parent's settings that become the new run's defaults, with the fine-tuning learning rate."""
+    found = {k: parent.config[k] for k in INHERITED if k in parent.config}
+    if "lowercase" in parent.config and "keep_case" not in found:
+        found["keep_case"] = not parent.config["lowercase"]
+    base_rate = float(parent.config.get("learning_rate") or 1e-3)
+    found.update(learning_rate=base_rate / LEARNING_RATE_DIVISOR, lr_patience=PATIENCE)
+    return found
+
+
+def shape_changes(parent: Parent, settings: dict[str, Any]) -> list[str]:
+    """`setting parent -> asked` for every setting that would change a weight's shape."""
+    return [f"{k} {parent.config[k]!r} -> {settings[k]!r}" for k in SHAPE_SETTINGS
+            if k in parent.config and k in settings and _norm(parent.config[k]) != _norm(settings[k])]
+
+
+def _norm(value: Any) -> Any:
+    return [int(v) for v in value] if isinstance(value, list | tuple) else value
+
+
+def extended_vocab(base: Vocab, counts: np.ndarray, min_count: int, new_to_unknown: bool) -> tuple[Vocab, list[str]]:
+    """The fine-tuning vocabulary: `base` first, ids unchanged, then the characters of `counts` (indexed by code
+    point) seen at least `min_count` times that `base` lacks, sorted, appended; with `new_to_unknown` they are not
+    added but share the unknown id. The unknown id, where there is one (the base's, or one that rare or unmapped
+    characters need), is last. Returns (vocabulary, the characters added)."""
+    known = [c for c in base.chars if c != UNKNOWN_CHAR or not base.has_unknown]
+    have = set(known)
+    seen = [chr(c) for c in np.flatnonzero(np.asarray(counts) > 0)]
+    frequent = {chr(c) for c in np.flatnonzero(np.asarray(counts) >= max(1, min_count))}
+    fresh = [c for c in seen if c not in have and c in frequent and c != UNKNOWN_CHAR] if not new_to_unknown else []
+    unmapped = any(c not in have and c not in fresh for c in seen)
+    chars = (*known, *fresh)
+    if base.has_unknown or unmapped:
+        return Vocab((*chars, UNKNOWN_CHAR), has_unknown=True), fresh
+    return Vocab(chars), fresh
+
+
+def id_map(old: Vocab, new: Vocab) -> np.ndarray:
+    """For each new id, the old id whose row it continues (-1 for a character the old vocabulary lacks)."""
+    index = old.index
+    out = np.full(len(new), -1, np.int64)
+    for i, c in enumerate(new.chars):
+        if c in index:
+            out[i] = index[c]
+    if old.has_unknown and new.has_unknown:
+        out[new.unknown_id] = old.unknown_id
+    return out
+
+
+def carried_rows(old: np.ndarray, mapping: np.ndarray, axis: int) -> np.ndarray:
+    """`old` (rows or columns along `axis` indexed by old id) rearranged for the new ids: carried over where the
+    character existed, the mean of the old ones where it is new (a neutral start the fine-tuning moves)."""
+    old = np.asarray(old)
+    moved = np.moveaxis(old, axis, 0)
+    mean = moved.mean(axis=0, keepdims=True)
+    rows = np.where((mapping >= 0).reshape(-1, *([1] * (moved.ndim - 1))), moved[np.maximum(mapping, 0)], mean)
+    return np.moveaxis(rows, 0, axis).astype(old.dtype)
