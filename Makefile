@@ -7,8 +7,11 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 # Tests and the demo read this corpus when given (offline machines); otherwise the demo downloads Alice.
 CORPUS ?=
 export CORPUS
+# The fine-tuning benchmark's second corpus (default: invented prose the benchmark writes).
+CORPUS2 ?=
+export CORPUS2
 
-.PHONY: help venv test test-fast lint demo bench bench-train bench-corpus clean
+.PHONY: help venv test test-fast lint demo bench bench-train bench-corpus bench-finetune clean
 
 help:
 	@echo "make demo   - local S3 + Ray head, train and sample through 'ray job submit', show results"
@@ -47,6 +50,9 @@ bench-train: venv
 
 bench-corpus: venv
 	$(BIN)/python -m bench.run --only corpus
+
+bench-finetune: venv
+	$(BIN)/python -m bench.run --only finetune
 
 clean:
 	-$(BIN)/python -m infra.localstack stop 2>/dev/null

@@ -57,8 +57,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--corpus", default=os.environ.get("CORPUS"),
                    help="Local path (or file:// URL) of the corpus; default: $CORPUS. Never downloaded.")
-    p.add_argument("--only", choices=("train", "gen", "scale", "corpus"),
-                   help="Run only the training, generation, scaling or corpus-scale part.")
+    p.add_argument("--only", choices=("train", "gen", "scale", "corpus", "finetune"),
+                   help="Run only the training, generation, scaling, corpus-scale or fine-tuning part.")
+    p.add_argument("--corpus2", default=os.environ.get("CORPUS2"),
+                   help="Second corpus (local path) for the fine-tuning part; default: $CORPUS2, else invented prose "
+                        "the bench writes.")
+    p.add_argument("--finetune-seconds", type=float, default=120.0,
+                   help="Training budget of each run on the second corpus (default 120; the parent gets --seconds).")
     p.add_argument("--seconds", type=float, default=TARGET_SECONDS,
                    help="Training wall-clock budget per method (default 300; the loss target is for 300 s).")
     p.add_argument("--out", default=str(HERE / "results"), help="Results folder (default bench/results).")
@@ -238,6 +243,12 @@ def assess(results: dict[str, Any]) -> dict[str, Any]:
             from bench import gen_job
 
             out["target_gen_job"] = gen_job.targets(gen["job"])
+    if results.get("finetune"):
+        from bench import finetune_bench
+
+        found = finetune_bench.target(results["finetune"])
+        if found:
+            out["target_finetune"] = found
     return out
 
 
@@ -333,6 +344,10 @@ def markdown(results: dict[str, Any]) -> str:
 
             kernel = [r for r in ours["rows"] if r["batch"] == CPU_BATCH] + gen.get("plain", {}).get("rows", [])
             lines += gen_job.markdown(gen["job"], kernel)
+    if results.get("finetune"):
+        from bench import finetune_bench
+
+        lines += finetune_bench.markdown(results["finetune"])
     lines += ["## Targets", "", "| target | measured | met? |", "|---|---:|:---:|"]
     if "target_loss" in a:
         t = a["target_loss"]
@@ -346,6 +361,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {t['target']} | {t['measured']:,.0f} chars/s (batch {t['at_batch']}) | {_yes(t['met'])} |")
     for t in a.get("target_gen_job", []):
         lines.append(f"| {t['target']} | {t['measured']:,.0f} chars/s | {_yes(t['met'])} |")
+    if "target_finetune" in a:
+        t = a["target_finetune"]
+        lines.append(f"| {t['target']} | {t['measured']:.4f} nats | {_yes(t['met'])} |")
     if "scaling" in results:
         lines += scaling_markdown(results["scaling"])
     return "\n".join(lines)
@@ -496,6 +514,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "gen"):
         results["generation"] = run_generation(args, vocab_size, corpus, workdir)
 
+    if args.only in (None, "finetune"):
+        from bench import finetune_bench
+
+        corpus2 = check_corpus(args.corpus2) if args.corpus2 else None
+        results["finetune"] = finetune_bench.run(corpus, corpus2, workdir, args.seconds, args.finetune_seconds)
+        finetune_bench.plot(results["finetune"], out / f"finetune{'-finetune' if args.only else ''}.png")
     if args.only in (None, "scale"):
         results["scaling"] = run_scaling(args, corpus, workdir, vocab_size)
     if args.only in (None, "corpus"):

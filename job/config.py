@@ -97,6 +97,13 @@ class TrainConfig:
     val_fraction: float = setting(0.1, "Held-out fraction: the last part of each cleaned file.", DATA, export=True)
     keep_case: bool = setting(False, "Keep upper case (default: lowercase, as the tutorial does).", DATA,
                               export=True)
+    init_from: str | None = setting(None, "Fine-tune: start from this trained model (a training --output, its "
+                                     "model/ folder, or one checkpoint folder; s3:// or local) in a new --output. Its "
+                                     "vocabulary comes first (new characters are appended), its settings are the "
+                                     "defaults, and the learning rate is its own / 5 with --lr-patience 1 unless "
+                                     "given.", DATA)
+    vocab_from_init: bool = setting(False, "With --init-from: characters the parent lacks map to the unknown id "
+                                    "instead of being appended (the model's size stays the parent's).", DATA)
     preset: str = setting("default", "Model preset: seed-small / seed-large reproduce the tutorial's two models; "
                           "default is our stateful stacked LSTM, gpu the same sized for one GPU per worker "
                           "(default: default).", MODEL, choices=tuple(PRESETS), export=True)
@@ -268,6 +275,7 @@ class TrainConfig:
                f"--min-char-count must be >= 1 (got {self.min_char_count})")
         _check(not (self.in_process and self.num_workers > 1),
                "--in-process trains one worker; drop it or use --num-workers 1")
+        _check(not (self.vocab_from_init and not self.init_from), "--vocab-from-init needs --init-from")
         _check(self.run_name is None or bool(RUN_NAME.fullmatch(self.run_name)),
                f"--run-name must be one name of letters, digits, '-', '_' and '.', not starting with '.': it names "
                f"folders inside --output (got {self.run_name!r})")
@@ -364,10 +372,20 @@ def load_train_config(argv: list[str] | None = None) -> TrainConfig:
     args = train_parser(_preset_in(argv)).parse_args(argv)
     flags = schema.given(args, TrainConfig)
     from_file = _read_config_file(args.config) if args.config else {}
-    preset = flags.get("preset") or from_file.get("preset") or "default"
+    init_from = flags.get("init_from") or from_file.get("init_from")
+    parent = inherited = None
+    if init_from:
+        from job import finetune
+
+        parent = finetune.find_parent(init_from)
+        inherited = finetune.inherited_settings(parent)
+    preset = flags.get("preset") or from_file.get("preset") or (inherited or {}).get("preset") or "default"
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    merged: dict[str, Any] = {"preset": preset, **PRESETS[preset], **from_file, **flags}
+    if inherited and inherited.get("preset", preset) != preset:  # another preset: only its shape is compared
+        inherited = {k: inherited[k] for k in ("learning_rate", "lr_patience")}
+    # Precedence: preset < the parent's settings (fine-tuning) < config file < flags.
+    merged: dict[str, Any] = {"preset": preset, **PRESETS[preset], **(inherited or {}), **from_file, **flags}
     if "num_workers" in merged:
         merged["min_workers"], merged["num_workers"] = parse_workers(merged["num_workers"])
     try:
@@ -377,4 +395,12 @@ def load_train_config(argv: list[str] | None = None) -> TrainConfig:
     schema.coerce(cfg, UserError)
     if cfg.corpus is None:
         cfg.corpus = DEFAULT_CORPUS_URL
-    return cfg.validate()
+    cfg.validate()
+    if parent is not None:
+        from job import finetune
+
+        changes = finetune.shape_changes(parent, cfg.to_dict())
+        if changes:
+            raise UserError(f"--init-from {parent.url} cannot start a model of another shape: {'; '.join(changes)}; "
+                            "drop the settings that change it (the parent's are the defaults), or train from scratch")
+    return cfg

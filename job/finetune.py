@@ -124,3 +124,80 @@ def carried_rows(old: np.ndarray, mapping: np.ndarray, axis: int) -> np.ndarray:
     mean = moved.mean(axis=0, keepdims=True)
     rows = np.where((mapping >= 0).reshape(-1, *([1] * (moved.ndim - 1))), moved[np.maximum(mapping, 0)], mean)
     return np.moveaxis(rows, 0, axis).astype(old.dtype)
+
+
+def check_vocabulary(parent: Parent, vocab: Vocab, input_mode: str) -> None:
+    """Refuse, before the dataset is published, a vocabulary the parent's weights cannot carry."""
+    if input_mode == "scaled" and vocab.chars != parent.vocab.chars:
+        added = [c for c in vocab.chars if c not in set(parent.vocab.chars)]
+        raise UserError(
+            f"--init-from {parent.url}: a tutorial-preset model reads each character as id / vocabulary size, so "
+            f"fine-tuning it needs exactly its {len(parent.vocab)} characters, and this corpus adds "
+            f"{', '.join(repr(c) for c in added[:8]) or 'an unknown id'}; pass --vocab-from-init where the parent has "
+            "an unknown id, or fine-tune a default-preset model")
+
+
+def check_case(parent: Parent, keep_case: bool, new_to_unknown: bool) -> str | None:
+    """A lowercase parent fine-tuned with --keep-case: the capitals become new characters (a line saying so), or,
+    with --vocab-from-init, the unknown id (refused: the model could never write one)."""
+    if not keep_case or not parent.config.get("lowercase", not parent.config.get("keep_case", False)):
+        return None
+    if new_to_unknown:
+        raise UserError(f"--init-from {parent.url} was trained on lowercase text: with --keep-case and "
+                        "--vocab-from-init every capital would become the unknown id; drop one of the two")
+    return (f"{parent.url} was trained on lowercase text: --keep-case adds the capitals as new characters, which "
+            "start from the mean of the known ones")
+
+
+def _parent_layers(parent: Parent) -> dict[str, list[np.ndarray]]:
+    """The parent's weights by layer name."""
+    if parent.kind == "model":
+        from job import export
+
+        model = export.load(parent.url).model
+    else:
+        import shutil
+        import tempfile
+
+        from job import checkpoint
+        from job import model as model_lib
+        from job.config import TrainConfig
+
+        model = model_lib.build(TrainConfig.from_dict(parent.config), len(parent.vocab))
+        tmp = tempfile.mkdtemp(prefix="charlstm-parent-")
+        try:
+            storage.download_dir(parent.url, tmp)
+            try:
+                with np.load(f"{tmp}/{checkpoint.VARIABLES}") as npz:
+                    arrays = [npz[f"m{i}"] for i in range(len(model.variables))]
+            except (OSError, ValueError, KeyError, EOFError) as exc:
+                raise UserError(f"--init-from {parent.url}: its {checkpoint.VARIABLES} cannot be read "
+                                f"({type(exc).__name__}); give another checkpoint or the run's model/") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for variable, value in zip(model.variables, arrays, strict=True):
+            variable.assign(value)
+    return {layer.name: [np.asarray(w) for w in layer.get_weights()] for layer in model.layers if layer.weights}
+
+
+def transfer(model, parent: Parent, vocab: Vocab) -> None:
+    """Assign the parent's weights to `model` (built for `vocab`): every layer as it was, the embedding rows and
+    output columns rearranged for the new ids (see carried_rows)."""
+    source = _parent_layers(parent)
+    mapping = id_map(parent.vocab, vocab)
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        arrays = source.get(layer.name)
+        if arrays is None or len(arrays) != len(layer.weights):
+            raise UserError(f"--init-from {parent.url}: its model has no layer {layer.name!r} like this run's; "
+                            "fine-tune with the parent's preset and sizes")
+        if layer.name == "embed":
+            arrays = [carried_rows(arrays[0], mapping, 0)]
+        elif layer.name in ("logits", "probs"):
+            arrays = [carried_rows(arrays[0], mapping, 1), carried_rows(arrays[1], mapping, 0)]
+        for variable, value in zip(layer.weights, arrays, strict=True):
+            if tuple(variable.shape) != value.shape:
+                raise UserError(f"--init-from {parent.url}: {variable.path} has shape {value.shape} there and "
+                                f"{tuple(variable.shape)} here; fine-tune with the parent's sizes")
+            variable.assign(value)

@@ -553,8 +553,10 @@ def meta_checksum(meta: dict) -> str:
 
 
 def make_options(lowercase: bool = True, val_fraction: float = 0.1, min_char_count: int | str | None = None,
-                 skip_bad_files: bool = False) -> dict:
-    """The options that decide a dataset's contents, normalised (min_char_count None -> "auto") and checked."""
+                 skip_bad_files: bool = False, base_vocab: Vocab | None = None, new_to_unknown: bool = False) -> dict:
+    """The options that decide a dataset's contents, normalised (min_char_count None -> "auto") and checked.
+    `base_vocab` (fine-tuning): the parent's vocabulary comes first, ids unchanged; the characters it lacks are
+    appended, or with `new_to_unknown` share the unknown id (job.finetune.extended_vocab)."""
     if not 0.0 < float(val_fraction) <= 0.5:
         raise UserError(f"--val-fraction must be in (0, 0.5] (got {val_fraction})")
     if min_char_count in (None, "auto"):
@@ -566,8 +568,13 @@ def make_options(lowercase: bool = True, val_fraction: float = 0.1, min_char_cou
             min_char_count = 0
         if min_char_count < 1:
             raise UserError(f"--min-char-count must be a whole number >= 1 or 'auto' (got {min_char_count!r})")
-    return {"lowercase": bool(lowercase), "val_fraction": float(val_fraction), "min_char_count": min_char_count,
-            "skip_bad_files": bool(skip_bad_files)}
+    options = {"lowercase": bool(lowercase), "val_fraction": float(val_fraction), "min_char_count": min_char_count,
+               "skip_bad_files": bool(skip_bad_files)}
+    if base_vocab is not None:  # only then: the fingerprints of other datasets stay what they were
+        blob = json.dumps([list(base_vocab.chars), base_vocab.has_unknown], ensure_ascii=True).encode()
+        options["base_vocab"] = {"sha256": hashlib.sha256(blob).hexdigest(), "size": len(base_vocab),
+                                 "new_chars": "unknown" if new_to_unknown else "append"}
+    return options
 
 
 def fingerprint(sources: list[Source], options: dict) -> str:
@@ -634,14 +641,14 @@ def prepare(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fra
             min_char_count: int | str | None = None, skip_bad_files: bool = False,
             log: Callable[[str], None] = print, chunk_chars: int = CHUNK_CHARS,
             head_chars: int = HEAD_CHARS, validate: Callable[[dict], None] | None = None,
-            exclude: Iterable[str] = ()) -> dict:
+            exclude: Iterable[str] = (), base_vocab: Vocab | None = None, new_to_unknown: bool = False) -> dict:
     """Clean, split and encode the corpus at `corpus_url` into `output_url`; returns meta.json's contents.
     Files below `output_url` and `exclude` (and other charlstm locations) are never read as corpus.
 
     `validate(meta)` may refuse the result (raise UserError) before anything is published: a corpus too short
     for the training settings leaves nothing in the output."""
     started = time.monotonic()
-    options = make_options(lowercase, val_fraction, min_char_count, skip_bad_files)
+    options = make_options(lowercase, val_fraction, min_char_count, skip_bad_files, base_vocab, new_to_unknown)
     storage.check_writable(output_url)
     sources, notes = _listing(corpus_url, (output_url, *exclude))
     for note in notes:
@@ -655,11 +662,21 @@ def prepare(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fra
         counts[ord("\n")] += len(items) - 1  # the blank line between files
         total = int(counts.sum())
         resolved = resolve_min_char_count(options["min_char_count"], total)
-        vocab = Vocab.from_counts(counts, resolved)
+        added: list[str] = []
+        if base_vocab is None:
+            vocab = Vocab.from_counts(counts, resolved)
+            rare = (counts > 0) & (counts < resolved)
+        else:
+            from job import finetune
+
+            vocab, added = finetune.extended_vocab(base_vocab, counts, resolved, new_to_unknown)
+            known = np.zeros(len(counts), bool)
+            real = [ord(c) for c in vocab.chars[: len(vocab) - vocab.has_unknown] if ord(c) < len(counts)]
+            known[real] = True
+            rare = (counts > 0) & ~known
         if len(vocab) > MAX_IDS:
             raise UserError(f"corpus has {len(vocab)} distinct characters, more than {MAX_IDS} ids fit; "
                             "raise --min-char-count")
-        rare = (counts > 0) & (counts < resolved)
         splits = plan_splits([i.chars for i in items], val_fraction)
         if all(s >= i.chars for s, i in zip(splits, items, strict=True)) or min(splits) < 1:
             if len(items) == 1:
@@ -697,6 +714,8 @@ def prepare(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fra
             "sha256": digests,
             "seconds": round(time.monotonic() - started, 3),
         }
+        if base_vocab is not None:
+            meta["vocab_parent"] = {"size": len(base_vocab), "added": added}
         meta["checksum"] = meta_checksum(meta)
         if validate is not None:
             validate(meta)
@@ -710,11 +729,16 @@ def summary(meta: dict, output_url: str) -> str:
     skipped = meta["skipped_files"]
     skip_note = f", skipped {len(skipped)} bad file(s): {', '.join(s['name'] for s in skipped[:5])}" if skipped else ""
     unknown = meta["unknown_chars"]
-    unknown_note = (f", {unknown['distinct']} rare char(s) (< {meta['options']['min_char_count_resolved']}) "
-                    f"mapped to the unknown id: {unknown['occurrences']} occurrence(s)") if unknown["distinct"] else ""
+    parent = meta.get("vocab_parent")
+    which = "char(s) the parent model lacks" if parent else \
+        f"rare char(s) (< {meta['options']['min_char_count_resolved']})"
+    unknown_note = (f", {unknown['distinct']} {which} mapped to the unknown id: {unknown['occurrences']} "
+                    "occurrence(s)") if unknown["distinct"] else ""
+    parent_note = (f": the parent model's {parent['size']} + {len(parent['added'])} new "
+                   f"({''.join(parent['added'][:20])!r})") if parent else ""
     return (f"dataset {output_url}: {len(meta['files'])} file(s), {meta['train_chars']} training chars, "
             f"{meta['val_scored_chars']} held-out chars in {len(meta['val_segments'])} segment(s), "
-            f"vocabulary {len(meta['vocab']['chars'])} ({meta['dtype']}){unknown_note}{skip_note}, "
+            f"vocabulary {len(meta['vocab']['chars'])}{parent_note} ({meta['dtype']}){unknown_note}{skip_note}, "
             f"{meta['seconds']:.1f} s")
 
 
@@ -830,14 +854,15 @@ def verify(dataset_url: str, meta: dict, folder: str | None = None) -> None:
 def ensure(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fraction: float = 0.1,
            min_char_count: int | str | None = None, skip_bad_files: bool = False, force: bool = False,
            log: Callable[[str], None] = print, validate: Callable[[dict], None] | None = None,
-           exclude: Iterable[str] = (), owner: str = "job.prepare", **kwargs) -> dict:
+           exclude: Iterable[str] = (), owner: str = "job.prepare", base_vocab: Vocab | None = None,
+           new_to_unknown: bool = False, **kwargs) -> dict:
     """A current dataset at `output_url`: the one already there if its fingerprint matches (its checksums
     verified), else prepared now. A dataset of another corpus or other options is never prepared over unless
     `force`: it is refused in one line naming the difference. Either way `validate(meta)` (see prepare) accepts
     it first. Holds the dataset's lease throughout (waiting for another preparer of the same location)."""
     from job import guard
 
-    options = make_options(lowercase, val_fraction, min_char_count, skip_bad_files)
+    options = make_options(lowercase, val_fraction, min_char_count, skip_bad_files, base_vocab, new_to_unknown)
     storage.check_writable(output_url)
     guard.require_kind(output_url, "dataset", "--dataset/--output")
     with guard.Lease(output_url, owner, wait=True, log=log):
@@ -861,7 +886,7 @@ def ensure(corpus_url: str, output_url: str, *, lowercase: bool = True, val_frac
         log(f"preparing dataset {output_url} from {corpus_url}")
         return prepare(corpus_url, output_url, lowercase=lowercase, val_fraction=val_fraction,
                        min_char_count=min_char_count, skip_bad_files=skip_bad_files, log=log, validate=validate,
-                       exclude=exclude, **kwargs)
+                       exclude=exclude, base_vocab=base_vocab, new_to_unknown=new_to_unknown, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,8 @@ def complete_checkpoints(root: str) -> list[tuple[int, str]]:
 
 # Settings a run cannot change when it resumes: the model's shape and the data it sees in which order.
 RESUME_KEYS = ("preset", "input_mode", "embed_dim", "units", "target", "stateful", "seq_len", "keep_case",
-               "val_fraction", "min_char_count", "skip_bad_files", "corpus", "dataset")
+               "val_fraction", "min_char_count", "skip_bad_files", "corpus", "dataset", "init_from",
+               "vocab_from_init")
 
 
 def resume_mismatches(saved: dict, cfg: TrainConfig) -> list[str]:
@@ -116,7 +117,11 @@ def _corpus_changed(cfg: TrainConfig) -> bool:
 
     if prepare.read_meta(cfg.data_url) is None:
         return False  # nothing to compare with: the dataset is prepared anew and the vocabulary checked on restore
-    options = prepare.make_options(not cfg.keep_case, cfg.val_fraction, cfg.min_char_count, cfg.skip_bad_files)
+    from job import finetune
+
+    base = finetune.find_parent(cfg.init_from).vocab if cfg.init_from else None
+    options = prepare.make_options(not cfg.keep_case, cfg.val_fraction, cfg.min_char_count, cfg.skip_bad_files,
+                                   base, cfg.vocab_from_init)
     return prepare.find_cached(cfg.data_url, cfg.corpus, options, (cfg.output,)) is None
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from job import checkpoint, data, report, storage
 from job.config import EXPORTED_SETTINGS, TrainConfig
+from job.corpus import Vocab
 from job.errors import UserError, check_interrupt, deferred_interrupts
 from job.evaluate import HeldOutScorer
 from job.schedule import (
@@ -124,16 +125,24 @@ def ensure_dataset(cfg: TrainConfig, log=print) -> dict[str, Any]:
     """The prepared dataset for this corpus and these options: reused when <dataset> holds it, else made there
     (job.prepare; streams the raw files once). Returns its meta. A dataset too short for one global batch or
     for the held-out protocol is refused before anything is written."""
-    from job import prepare
+    from job import finetune, prepare
 
-    def long_enough(meta: dict[str, Any]) -> None:
+    parent = finetune.find_parent(cfg.init_from) if cfg.init_from else None
+    if parent is not None and (note := finetune.check_case(parent, cfg.keep_case, cfg.vocab_from_init)):
+        log(note)
+
+    def usable(meta: dict[str, Any]) -> None:
         plan = data.stream_plan if cfg.stateful else data.sliding_plan
         plan(meta["train_chars"], cfg.seq_len, cfg.global_batch, 0, cfg.seed)
         data.heldout(np.zeros(0, np.uint8), meta["val_segments"], cfg.target, cfg.seq_len)
+        if parent is not None:
+            finetune.check_vocabulary(parent, Vocab(tuple(meta["vocab"]["chars"]), bool(meta["vocab"]["unknown"])),
+                                      cfg.input_mode)
 
     return prepare.ensure(cfg.corpus, cfg.data_url, lowercase=not cfg.keep_case, val_fraction=cfg.val_fraction,
                           min_char_count=cfg.min_char_count, skip_bad_files=cfg.skip_bad_files, log=log,
-                          validate=long_enough, exclude=(cfg.output,), owner=f"training run {cfg.run!r}")
+                          validate=usable, exclude=(cfg.output,), owner=f"training run {cfg.run!r}",
+                          base_vocab=parent.vocab if parent else None, new_to_unknown=cfg.vocab_from_init)
 
 
 def load_hooks() -> Any:
@@ -282,6 +291,7 @@ class Trainer:
         self.over = 0.0  # becomes 1.0 once this worker's clock passes the budget (all-reduced with the next step)
         self.agreed_elapsed = 0.0  # the workers' mean clock, as of the last all-reduce
         self.plotted = -math.inf  # when loss.png was last drawn
+        self.parent = None  # the model a fine-tuning run started from (--init-from)
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
@@ -378,6 +388,15 @@ class Trainer:
         self._prepare_data()
         self._build()
         resumed = self._resume()
+        if cfg.init_from:
+            from job import finetune
+
+            self.parent = finetune.find_parent(cfg.init_from)
+            if not resumed:  # a resumed fine-tuning run continues from its own checkpoint
+                finetune.transfer(self.model, self.parent, self.vocab)
+                self.session.log(f"initialised from {self.parent.url} ({self.parent.kind}, sha256 "
+                                 f"{self.parent.sha256[:12]}): {len(self.parent.vocab)} characters carried over, "
+                                 f"{len(self.vocab) - len(self.parent.vocab)} new")
         p = self.progress
         if resumed:
             self.session.log(f"resumed from checkpoint: epoch {p.epoch}, step {p.step_in_epoch} of the next "
@@ -636,4 +655,6 @@ class Trainer:
             "global_step": p.global_step, "val_loss": last["val_loss"], "val_bpc": last["val_bpc"],
             "train_loss": last["train_loss"], "workers": self.world, "global_batch": self.global_batch,
             "lowercase": not cfg.keep_case,
+            **({"parent": {"url": self.parent.url, "kind": self.parent.kind, "sha256": self.parent.sha256}}
+               if self.parent else {}),
         }

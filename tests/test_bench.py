@@ -143,3 +143,21 @@ def test_generation_job_small_row_and_its_goal():
         "target"]
     small["process_chars_per_sec"] = 59_000.0
     assert [t["met"] for t in gen_job.targets(job)] == [True, True, False]
+
+
+def test_finetune_table_and_goal():
+    from bench import finetune_bench
+
+    result = {"corpus2": "invented prose", "parent_seconds": 300, "seconds": 120,
+              "parent": {"curve": [[10, 2.0]], "train_chars": 1}, "fine_tuned": {
+                  "curve": [[5.0, 2.1], [10.0, 1.9]], "train_chars": 2_000_000, "heldout_nats": 1.9},
+              "scratch": {"curve": [[5.0, 2.9], [10.0, 2.5]], "train_chars": 2_100_000, "heldout_nats": 2.5}}
+    text = "\n".join(finetune_bench.markdown(result))
+    assert "| fine-tuned from the parent | 1.9000 | 2.741 | 2,000,000 | 5: 2.100, 10: 1.900 |" in text
+    assert "| from scratch | 2.5000 |" in text
+    assert finetune_bench.target(result)["met"] is True
+    result["fine_tuned"]["heldout_nats"] = 2.6
+    assert finetune_bench.target(result)["met"] is False
+    result["scratch"] = {"error": "boom"}
+    assert finetune_bench.target(result) is None and "| from scratch | failed |" in "\n".join(
+        finetune_bench.markdown(result))

@@ -370,3 +370,14 @@ def test_an_s3_dataset_of_another_corpus_is_refused_and_an_edited_meta_too(s3_se
     storage.write_text(f"{url}/meta.json", json.dumps(meta))
     with pytest.raises(UserError, match="meta.json was edited after the dataset was prepared"):
         prepare.ensure(str(first), url, log=lambda _l: None)
+
+
+@pytest.mark.e2e
+def test_outputs_inside_an_s3_corpus_prefix_are_left_out(s3_server, s3_prefix):
+    books = f"{s3_prefix}/books"
+    storage.write_text(f"{books}/a.txt", textgen.book(5000, 1))
+    prepare.prepare(books + "/", f"{books}/run/data", log=lambda _l: None, exclude=[f"{books}/run"])
+    guard.write_identity(f"{books}/run", "training", {"run": "run", "config": {}})
+    storage.write_text(f"{books}/run/metrics.jsonl", "{}\n")
+    assert [s.name for s in prepare.list_sources(books + "/")] == ["a.txt"]  # found by its records alone
+    assert [s.name for s in prepare.list_sources(books + "/", exclude=[f"{books}/run"])] == ["a.txt"]
