@@ -171,3 +171,39 @@ def test_a_tutorial_model_refuses_new_characters(parent, tmp_path):
     refused = fine_tune({**parent}, tmp_path / "ft", init=str(tutorial))
     assert_user_error(refused, "a tutorial-preset model reads each character as id / vocabulary size")
     assert not (tmp_path / "ft" / "data" / "meta.json").exists()
+
+
+@pytest.mark.e2e
+def test_two_ray_workers_fine_tune_as_one(parent, ray_cluster, s3_server, s3_prefix, tmp_path):
+    """`ray job submit`, 2 workers, --init-from a parent on S3: both workers start from the parent and end with the
+    same weights, and the run follows a 1-worker in-process fine-tuning at the same global batch."""
+    from tiny import EXACT
+
+    from job import storage
+
+    base = s3_prefix.split("/", 3)[3]
+    storage.upload_dir(str(parent["out"] / "model"), f"{s3_prefix}/parent/model")
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{base}/new.txt", Body=parent["new"].read_bytes())
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{base}/exact.yaml",
+                                  Body=yaml.safe_dump({k: v for k, v in EXACT.items() if k != "units"}).encode())
+    common = ["--corpus", f"{s3_prefix}/new.txt", "--init-from", f"{s3_prefix}/parent", "--epochs", "1",
+              "--seed", "3", "--global-batch-size", "8"]
+    dumps = tmp_path / "weights"
+    result = ray_cluster.submit(["python", "-m", "job.train", *common, "--config", f"{s3_prefix}/exact.yaml",
+                                 "--output", f"{s3_prefix}/ft", "--num-workers", "2"],
+                                env={"CHARLSTM_HOOKS": "tests.train_hooks", "CHARLSTM_TEST_DUMP_WEIGHTS": str(dumps)},
+                                timeout=420)
+    assert result.ok, result.describe()
+    assert result.logs.count("initialised from ") == 1 and "global batch 8 (4 per worker)" in result.logs
+    rank0, rank1 = np.load(dumps / "rank-0.npz"), np.load(dumps / "rank-1.npz")
+    for key in rank0.files:
+        np.testing.assert_array_equal(rank0[key], rank1[key])
+    config = tmp_path / "exact.yaml"
+    config.write_text(yaml.safe_dump({k: v for k, v in EXACT.items() if k != "units"}))
+    single = run("job.train", "--in-process", *common, "--config", str(config), "--output", str(tmp_path / "one"),
+                 env={**s3_server.env, "CHARLSTM_HOOKS": "tests.train_hooks",
+                      "CHARLSTM_TEST_DUMP_WEIGHTS": str(tmp_path / "one-weights")}, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ref = np.load(tmp_path / "one-weights" / "rank-0.npz")
+    for key in ref.files:
+        np.testing.assert_allclose(rank0[key], ref[key], atol=2e-4)
