@@ -5,7 +5,6 @@ fine-tuning run continuing itself."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -161,14 +160,29 @@ def test_the_parents_weights_are_carried_row_for_row(parent):
             np.testing.assert_array_equal(a, b)
 
 
-def test_a_tutorial_model_refuses_new_characters(parent, tmp_path):
-    tutorial = tmp_path / "tutorial"
-    proc = run("job.train", "--in-process", "--corpus", str(parent["corpus"]), "--output", str(tutorial),
-               "--config", str(parent["config"]), "--preset", "seed-small", "--epochs", "1", "--batch-size", "32",
-               timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    shutil.rmtree(tmp_path / "ft", ignore_errors=True)
-    refused = fine_tune({**parent}, tmp_path / "ft", init=str(tutorial))
+def test_a_tutorial_model_refuses_new_characters():
+    """The tutorial presets read a character as id / vocabulary size: only the parent's exact vocabulary fits
+    (checked on the prepared vocabulary, before the dataset is published)."""
+    from job.errors import UserError
+
+    parent = finetune.Parent("runs/tutorial/model", "model", {"input_mode": "scaled"}, Vocab(tuple("\n abc")), "0")
+    finetune.check_vocabulary(parent, Vocab(tuple("\n abc")), "scaled")
+    finetune.check_vocabulary(parent, Vocab(tuple("\n abcd")), "embedding")  # an embedding model grows instead
+    with pytest.raises(UserError, match="a tutorial-preset model reads each character as id / vocabulary size.*'d'"):
+        finetune.check_vocabulary(parent, Vocab(tuple("\n abcd")), "scaled")
+
+
+def test_the_cli_refuses_new_characters_for_a_tutorial_parent_before_publishing(parent, tmp_path):
+    """Through job.train: the refusal comes from the dataset's validation, so nothing is published (no TensorFlow
+    needed: a parent's config.json and vocab.json are all the driver reads before training)."""
+    from job.config import PRESETS
+
+    tutorial = tmp_path / "tutorial" / "model"
+    tutorial.mkdir(parents=True)
+    (tutorial / "config.json").write_text(json.dumps({**PRESETS["seed-small"], "preset": "seed-small",
+                                                      "learning_rate": 1e-3, "lowercase": True}))
+    (tutorial / "vocab.json").write_text(Vocab(tuple("\n abcdefghijklmnopqrstuvwxyz")).to_json())
+    refused = fine_tune(parent, tmp_path / "ft", "--batch-size", "8", init=str(tutorial.parent))
     assert_user_error(refused, "a tutorial-preset model reads each character as id / vocabulary size")
     assert not (tmp_path / "ft" / "data" / "meta.json").exists()
 
