@@ -100,7 +100,7 @@ class TrainConfig:
     init_from: str | None = setting(None, "Fine-tune: start from this trained model (a training --output, its "
                                      "model/ folder, or one checkpoint folder; s3:// or local) in a new --output. Its "
                                      "vocabulary comes first (new characters are appended), its settings are the "
-                                     "defaults, and the learning rate is its own / 5 with --lr-patience 1 unless "
+                                     "defaults, and the learning rate is its own / 2 with --lr-patience 1 unless "
                                      "given.", DATA)
     vocab_from_init: bool = setting(False, "With --init-from: characters the parent lacks map to the unknown id "
                                     "instead of being appended (the model's size stays the parent's).", DATA)
