@@ -239,23 +239,17 @@ def write_identity(url: str, kind: str, identity: dict[str, Any]) -> None:
     storage.write_text(storage.join(url, IDENTITY_FILE), json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
-def kind_of(url: str) -> str | None:
-    """What a location holds: "training" / "generation" (its output.json), "dataset" (a dataset's meta.json at its
-    top), or None (nothing of ours)."""
-    found = read_identity(url)
-    if found:
-        return found["kind"]
-    if storage.exists(storage.join(url, "meta.json")) and storage.exists(storage.join(url, "train.bin")):
-        return "dataset"
-    return None
-
-
 def require_kind(url: str, kind: str, flag: str) -> dict[str, Any] | None:
-    """Refuse a location that holds another kind of output; returns its identity record (None if it has none)."""
-    found = kind_of(url)
+    """Refuse a location that holds another kind of output (its output.json's kind, or a dataset's meta.json beside
+    train.bin at its top); returns its identity record (None if it has none)."""
+    record = read_identity(url)
+    found = record["kind"] if record else None
+    if found is None and storage.exists(storage.join(url, "meta.json")) and \
+            storage.exists(storage.join(url, "train.bin")):
+        found = "dataset"
     if found not in (None, kind):
         raise UserError(f"{url} is {KINDS[found]}; give this {KINDS[kind].split(' ', 1)[1]} its own {flag}")
-    return read_identity(url) if found else None
+    return record
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any], keys: tuple[str, ...]) -> list[str]:
