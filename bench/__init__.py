@@ -1,4 +1,4 @@
-"""Benchmarks: our charlstm pipeline against the Keras tutorial's method, side by side (GUIDE §3).
+"""Benchmarks: our charlstm pipeline against the Keras tutorial's method, side by side.
 
 Run `python -m bench.run --corpus PATH` (see bench/run.py for the flags).
 """

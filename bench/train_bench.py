@@ -1,7 +1,7 @@
 """One equal-wall-clock training run, in its own process: `python -m bench.train_bench --preset P ...`.
 
 Trains preset P through `job.worker.train_func` in-process (no Ray) for `--seconds`, then scores the
-exported model with the full GUIDE §3 held-out protocol (`job.evaluate.evaluate`) and writes a JSON summary.
+exported model with the full held-out protocol (`job.evaluate.evaluate`) and writes a JSON summary.
 bench.run starts one such process per method so that the two runs share no TensorFlow state.
 """
 
@@ -99,7 +99,7 @@ def run(preset: str, corpus_url: str, seconds: float, workdir: str) -> dict[str,
         "curve": [{"elapsed_sec": m["elapsed_sec"], "val_loss": m["val_loss"], "train_loss": m["train_loss"],
                    "epoch": m["epoch"], "partial_epoch": m.get("partial_epoch", False),
                    "chars_per_sec": m["chars_per_sec"]} for m in history],
-        "per_epoch_val_protocol": ("full GUIDE §3 held-out set" if cfg.target == "all"
+        "per_epoch_val_protocol": ("full held-out set (>= 100 chars of context each)" if cfg.target == "all"
                                    else f"evenly spaced subsample of {cfg.val_max_windows} held-out windows"),
         "exported_epoch": exported.config.get("epoch"),
         "heldout_loss_nats": heldout["loss_nats"],

@@ -34,7 +34,7 @@ KNOWN_DIFFERENCES = [
     "trains on the first 90% of the cleaned text; the last 10% is held out (the tutorial trains on all of it)",
     "sparse categorical cross-entropy on ids instead of categorical on one-hot vectors (same value)",
     "the last partial batch of each shuffled epoch is dropped (at most 127 of ~130k windows)",
-    "custom training loop instead of model.fit (same Adam update; Keras 3 fit breaks under MWMS, GUIDE §2.1)",
+    "custom training loop instead of model.fit (same Adam update; Keras 3 fit breaks under MWMS)",
 ]
 
 

@@ -13,7 +13,7 @@ jobs read and write a real S3 API over HTTP.
 Every process is started in its own session (`start_new_session=True`); `stop` signals exactly the process
 groups recorded in `<state-dir>/state.json` (never `ray stop`, which would kill every Ray on the machine).
 
-Ray token authentication (GUIDE §2 pitfall 9): the head is started with `RAY_AUTH_MODE=token` and
+Ray token authentication (Ray >= 2.52): the head is started with `RAY_AUTH_MODE=token` and
 `RAY_AUTH_TOKEN_PATH=<state-dir>/ray_auth_token` (a fresh token, mode 0600), and the client environment
 carries the same two variables, so the `ray job` CLI sends the token and nothing depends on whether
 `~/.ray/auth_token` exists (the path variable takes precedence over that default file).

@@ -129,7 +129,7 @@ class HeldOut:
     costs a few small arrays, and a capped evaluation is an evenly spread subset of window numbers.
 
     `segments` rows are (offset, context, scored): ids[offset : offset+context] only precede the scored
-    ids[offset+context : offset+context+scored] (one row per file of a prepared corpus; GUIDE §3 protocol).
+    ids[offset+context : offset+context+scored] (a row per file of a prepared corpus; held-out protocol: docs/data.md).
     target "all": windows of `context_chars + score` inputs, stride `score`, scoring each target once with at
     least `context_chars` characters before it. target "last": one window of `width` chars per scored target.
     """
@@ -231,7 +231,7 @@ def heldout(ids: np.ndarray, segments, target: str, seq_len: int, context: int =
 
 
 def heldout_all_positions(ids: np.ndarray, split: int, context: int = 100, score: int = 100) -> HeldOut:
-    """GUIDE §3 protocol for all-position models over one text split at `split`: windows of context+score
+    """The held-out protocol for all-position models over one text split at `split`: windows of context+score
     chars, stride `score`, scoring the last `score` targets of each, so every target in ids[split:] is scored
     exactly once and has at least `context` characters before it (the last window is pulled back to end at the
     text's end and scores only what was not scored yet)."""

@@ -5,7 +5,7 @@
 - `default` (`input_mode="embedding"`): int32 ids (batch, time) -> logits (batch, time, vocab).
   Its LSTM layers are built with `return_state=True` so that the same layers serve three graphs:
   the exported ids->logits model (zero initial state), the stateful training graph, and the
-  single-step sampler. All LSTM settings are the cuDNN-eligible defaults (GUIDE §2 pitfall 6).
+  single-step sampler. All LSTM settings are the cuDNN-eligible defaults (else GPUs fall back to a slow kernel).
 """
 
 from __future__ import annotations

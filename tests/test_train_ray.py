@@ -121,7 +121,7 @@ def test_worker_crash_resumes_from_checkpoint(ray_cluster, s3_server, job_inputs
     corpus, config, out = job_inputs
     marker = tmp_path / "crashed"
     # The second worker dies hard just after the epoch-1 checkpoint was reported, before Ray's controller
-    # may have registered it (GUIDE §2 pitfall 14). The resume must still start from that checkpoint: lost
+    # may have registered it. The resume must still start from that checkpoint: lost
     # work stays under one checkpoint interval.
     steps = _steps_in_first_epoch(corpus, global_batch=8)
     assert 25 <= steps <= 40, steps  # about 6000 chars at 8 x 20 chars per step
