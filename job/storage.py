@@ -46,6 +46,13 @@ DEFAULT_READ_TIMEOUT = 30.0
 # s3fs runs its own retry loop around each call, on top of botocore's. It is the only layer that retries a
 # response body cut off mid-stream, so keep one extra try for that and leave everything else to botocore.
 S3FS_RETRIES = 2
+# Transfers move objects in parts of TRANSFER_PART bytes, TRANSFER_CONCURRENCY at a time, so a process holds at
+# most their product per file in flight whatever the object's size. s3fs's defaults (50 MiB x 10) held 500 MB per
+# upload or download, which is where an S3 -> S3 preparation's memory went.
+TRANSFER_PART = 16 << 20
+TRANSFER_CONCURRENCY = 6
+MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
+FILES_AT_ONCE = 4  # files a many-file upload or download moves at once (each with its parts in flight)
 
 # Everything that changes which S3 (and how) a filesystem instance talks to: the cache key.
 _ENV_KEYS = (
@@ -171,6 +178,8 @@ def s3_filesystem() -> s3fs.S3FileSystem:
             use_listings_cache=False,  # other processes (Ray workers) write concurrently: always ask S3
             config_kwargs=_botocore_config(),
             client_kwargs=client_kwargs,
+            default_block_size=TRANSFER_PART,  # ranged reads of open() and downloads' parts
+            max_concurrency=TRANSFER_CONCURRENCY,
         )
         fs.retries = S3FS_RETRIES
         _S3_CACHE.clear()  # drop instances of an old environment or of the parent process
@@ -198,7 +207,7 @@ def is_custom_endpoint(endpoint: str) -> bool:
 def pyarrow_filesystem(url: str) -> tuple[pyarrow.fs.FileSystem | None, str]:
     """(filesystem, path) for Ray's `RunConfig(storage_filesystem=..., storage_path=...)`.
 
-    pyarrow does not read AWS_ENDPOINT_URL (GUIDE §2 pitfall 3), so for s3:// we build an S3FileSystem from
+    pyarrow does not read AWS_ENDPOINT_URL, so for s3:// we build an S3FileSystem from
     the endpoint and region botocore resolved plus the AWS_* credentials, and return the path without the
     scheme ("bucket/prefix"), as Ray requires when a filesystem is given. Local paths: (None, absolute path).
 
@@ -504,11 +513,18 @@ def upload_files(pairs: list[tuple[str, str]], url: str) -> None:
     with translate_errors(url):
         fs, _ = _writable_fs(url)
         if not is_local(url):
-            fs.put([src for src, _ in pairs], [_fs(dst)[1] for _, dst in pairs])
+            fs.put([src for src, _ in pairs], [_fs(dst)[1] for _, dst in pairs],
+                   chunksize=part_size(max(os.path.getsize(src) for src, _ in pairs)), batch_size=FILES_AT_ONCE)
             return
         for src, dst in pairs:
             with _replacing(_fs(dst)[1]) as tmp:
                 shutil.copyfile(src, tmp)
+
+
+def part_size(nbytes: int) -> int:
+    """The multipart upload part for an object of `nbytes`: TRANSFER_PART, larger only where S3's part limit
+    needs it (objects over ~80 GB)."""
+    return max(TRANSFER_PART, -(-nbytes // MAX_PARTS))
 
 
 def download_file(url: str, local_file: str) -> None:
@@ -625,7 +641,7 @@ def download_dir(url: str, local_dir: str) -> list[str]:
     with translate_errors(url), contextlib.ExitStack() as stack:
         fs, _ = _fs(url)
         tmps = [stack.enter_context(_replacing(dst)) for _, dst in pairs]
-        fs.get([_fs(s)[1] for s, _ in pairs], tmps)  # concurrent downloads into temporary names
+        fs.get([_fs(s)[1] for s, _ in pairs], tmps, batch_size=FILES_AT_ONCE)  # concurrent, into temporary names
     return [d for _, d in pairs]
 
 

@@ -142,7 +142,8 @@ def ensure_dataset(cfg: TrainConfig, log=print) -> dict[str, Any]:
     return prepare.ensure(cfg.corpus, cfg.data_url, lowercase=not cfg.keep_case, val_fraction=cfg.val_fraction,
                           min_char_count=cfg.min_char_count, skip_bad_files=cfg.skip_bad_files, log=log,
                           validate=usable, exclude=(cfg.output,), owner=f"training run {cfg.run!r}",
-                          base_vocab=parent.vocab if parent else None, new_to_unknown=cfg.vocab_from_init)
+                          base_vocab=parent.vocab if parent else None, new_to_unknown=cfg.vocab_from_init,
+                          log_every=cfg.log_every_seconds)
 
 
 def load_hooks() -> Any:

@@ -92,6 +92,22 @@ def test_streaming_clean_equals_corpus_clean(chunk):
     assert checked_with_start > 20
 
 
+def test_end_marker_search_finds_what_the_full_search_finds():
+    """find_end runs the marker search only around "Project Gutenberg" lines; it must agree with the plain
+    search on where the first marker starts and ends, markers spanning "***" and blank lines included."""
+    rng = random.Random(3)
+    found = 0
+    for _ in range(3000):
+        text = synthetic(rng, 40).replace("\r\n", "\n").replace("\r", "\n")
+        if rng.random() < 0.3:
+            text = text.replace("End", "END", 1).replace("Project", "PROJECT")
+        full = corpus._END.search(text)
+        fast = prepare.find_end(text)
+        assert (fast and fast.span()) == (full and full.span()), text
+        found += full is not None
+    assert found > 500  # the texts do hold markers
+
+
 def test_text_after_the_end_marker_is_still_decoded():
     """As in corpus.clean, which decodes the whole file: a bad byte in the footer is an error."""
     data = b"body\n*** END OF THE PROJECT GUTENBERG EBOOK X ***\n" + b"license\n" * 20 + b"licen\xe7e\n"
@@ -294,6 +310,87 @@ def test_bad_files_skipped_and_counted(tmp_path):
     split = corpus.split_point(len(text), 0.1)
     np.testing.assert_array_equal(read_bin(tmp_path / "ds", "train.bin", meta), vocab.encode(text)[:split])
     assert meta["options"]["skip_bad_files"] is True
+
+
+def _dataset_bytes(folder) -> dict[str, object]:
+    """Everything a dataset holds, but the seconds it took (and the checksum over them)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    for key in ("seconds", "checksum"):
+        meta.pop(key)
+    return {"meta": meta, "train": (folder / "train.bin").read_bytes(), "val": (folder / "val.bin").read_bytes()}
+
+
+def test_parallel_preparation_is_byte_for_byte_the_serial_one(tmp_path):
+    """Files cleaned side by side in child processes give the serial dataset exactly: ids, vocabulary, held-out
+    segments, counts, checksums, fingerprint, skipped files (listing order kept), with a progress line each."""
+    rng = random.Random(7)
+    for i in range(9):
+        write(tmp_path / "c" / f"{i:02d}.txt", book(i, rng.randint(2_000, 9_000)) if i % 3 else
+              synthetic(rng, 400) + "\n" + book(i, 3_000))
+    for name, data in BAD.items():
+        write(tmp_path / "c" / "sub" / name, data)
+    datasets = {}
+    for workers in (1, 2, 3):
+        meta, lines = run(tmp_path / "c", tmp_path / f"ds{workers}", skip_bad_files=True, workers=workers,
+                          lowercase=workers != 3, log_every=1e-9)
+        assert any(line.startswith(f"preparing {tmp_path / 'c'}: read ") for line in lines), lines
+        assert any(" encoded " in line for line in lines), lines
+        datasets[workers] = _dataset_bytes(tmp_path / f"ds{workers}")
+    assert len(datasets[1]["meta"]["files"]) >= 6 and len(datasets[1]["meta"]["skipped_files"]) >= len(BAD)
+    assert datasets[2] == datasets[1]
+    assert datasets[3]["train"] != datasets[1]["train"]  # (the comparison can tell: --keep-case differs)
+    serial = run(tmp_path / "c", tmp_path / "ds4", skip_bad_files=True, workers=1, lowercase=False)[0]
+    assert _dataset_bytes(tmp_path / "ds4") == datasets[3] and serial["files"] == datasets[3]["meta"]["files"]
+
+
+def test_parallel_preparation_refuses_the_first_bad_file_as_the_serial_one_does(tmp_path):
+    for i in range(4):
+        write(tmp_path / "c" / f"{i}.txt", book(i, 4_000))
+    write(tmp_path / "c" / "1b.txt", BAD["late.txt"])
+    write(tmp_path / "c" / "2b.txt", BAD["latin.txt"])
+    refusals = []
+    for workers in (1, 3):
+        with pytest.raises(UserError) as err:
+            run(tmp_path / "c", tmp_path / "ds", workers=workers)
+        refusals.append(str(err.value))
+        assert not (tmp_path / "ds").exists()
+    assert refusals[0] == refusals[1] and "1b.txt" in refusals[0]
+
+
+def test_automatic_workers_only_for_several_large_enough_files(monkeypatch):
+    monkeypatch.setattr(prepare, "usable_cores", lambda: 12)
+    big = prepare.PARALLEL_MIN_BYTES
+    files = [prepare.Source(f"f{i}", f"f{i}", big // 4, None) for i in range(6)]
+    assert prepare.auto_workers(files) == 6
+    assert prepare.auto_workers(files[:1]) == 1
+    assert prepare.auto_workers([prepare.Source("f", "f", 10, None)] * 6) == 1
+    monkeypatch.setattr(prepare, "usable_cores", lambda: 2)
+    assert prepare.auto_workers(files) == 2
+
+
+def test_progress_line():
+    line = prepare.progress_line("s3://b/books/", "read", 1_200_000_000, 10_000_000_000, 12.0)
+    assert line == "preparing s3://b/books/: read 1.20 GB of 10.00 GB (12%), 100 MB/s, eta 1:28"
+    assert prepare.progress_line("x", "encoded", 5_000_000, None, 1.0) == "preparing x: encoded 5.0 MB, 5 MB/s"
+
+
+def test_prefetched_reads_ahead_a_bounded_amount_and_passes_errors():
+    pulled = []
+
+    def chunks():
+        for i in range(100):
+            pulled.append(i)
+            yield bytes([i])
+        raise OSError("disk gone")
+
+    it = prefetch = prepare.prefetched(chunks(), depth=2)
+    assert next(it) == b"\x00"
+    import time as _time
+
+    _time.sleep(0.2)
+    assert len(pulled) <= 4  # the chunk handed out, `depth` queued and one in the reader's hands
+    with pytest.raises(OSError, match="disk gone"):
+        list(prefetch)
 
 
 def test_min_char_count_maps_rare_chars_to_unknown(tmp_path):

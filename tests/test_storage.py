@@ -208,6 +208,47 @@ def test_s3_listdir_upload_download(tmp_path, s3_prefix):
     assert storage.listdir(dest) == []
 
 
+def test_s3_transfers_hold_a_bounded_amount_in_memory(tmp_path, s3_server, s3_prefix, monkeypatch):
+    """An upload or download of any size moves parts of TRANSFER_PART, TRANSFER_CONCURRENCY at a time: the
+    Python memory it holds at its peak stays near their product, not the object's size (s3fs's own defaults
+    read a file under 100 MB whole and held 50 MiB x 10 of a larger one)."""
+    import tracemalloc
+
+    part = 5 << 20  # S3's smallest part
+    monkeypatch.setattr(storage, "TRANSFER_PART", part)
+    monkeypatch.setattr(storage, "TRANSFER_CONCURRENCY", 2)
+    storage._S3_CACHE.clear()  # a filesystem with these settings
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(1 << 20) * 60)  # 60 MiB: 12 parts
+    url = storage.join(s3_prefix, "big.bin")
+    storage.write_bytes(storage.join(s3_prefix, "warm"), b"x")  # the client's first use loads botocore's models
+    storage.read_bytes(storage.join(s3_prefix, "warm"))
+    peaks = []
+    for move in (lambda: storage.upload_file(str(big), url),
+                 lambda: storage.download_file(url, str(tmp_path / "back.bin"))):
+        tracemalloc.start()
+        try:
+            move()
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    head = s3_server.client().head_object(Bucket=s3_server.bucket, Key=url.split("/", 3)[3], PartNumber=1)
+    assert head["PartsCount"] == 12 and head["ContentLength"] == part  # a multipart upload of TRANSFER_PART parts
+    assert (tmp_path / "back.bin").read_bytes() == big.read_bytes()
+    # The parts in flight and transient copies of them; s3fs's defaults would hold >= 60 MiB (the file read whole
+    # for one PUT; two 50 MiB ranges downloaded at once).
+    bound = 6 * part
+    assert max(peaks) < bound, f"peak Python memory {[p >> 20 for p in peaks]} MiB, bound {bound >> 20} MiB"
+    storage._S3_CACHE.clear()
+
+
+def test_upload_parts_grow_only_past_s3s_part_limit():
+    assert storage.part_size(1 << 30) == storage.TRANSFER_PART
+    assert storage.part_size(storage.TRANSFER_PART * storage.MAX_PARTS) == storage.TRANSFER_PART
+    big = 500 << 30
+    assert storage.part_size(big) * storage.MAX_PARTS >= big > (storage.part_size(big) - 1) * storage.MAX_PARTS
+
+
 def test_s3_missing_key(s3_prefix):
     url = storage.join(s3_prefix, "missing.txt")
     with pytest.raises(UserError, match="not found") as err:
