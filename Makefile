@@ -11,7 +11,7 @@ export CORPUS
 CORPUS2 ?=
 export CORPUS2
 
-.PHONY: help venv test test-fast lint demo bench bench-train bench-corpus bench-finetune clean
+.PHONY: help venv test test-fast lint demo bench bench-train bench-corpus bench-s3 bench-finetune clean
 
 help:
 	@echo "make demo   - local S3 + Ray head, train and sample through 'ray job submit', show results"
@@ -50,6 +50,9 @@ bench-train: venv
 
 bench-corpus: venv
 	$(BIN)/python -m bench.run --only corpus
+
+bench-s3: venv
+	$(BIN)/python -m bench.run --only s3
 
 bench-finetune: venv
 	$(BIN)/python -m bench.run --only finetune

@@ -1,6 +1,6 @@
 """Side-by-side benchmark of charlstm against the Keras tutorial's method, on this machine.
 
-    python -m bench.run --corpus PATH [--only train|gen|scale|corpus] [--seconds 300] [--out bench/results]
+    python -m bench.run --corpus PATH [--only train|gen|scale|corpus|s3|finetune] [--seconds 300] [--out bench/results]
 
 Training: equal wall-clock budgets for the tutorial (`seed-small` preset) and ours (`default` preset),
 each through `job.worker.train_func` in-process, in its own process; held-out loss of the exported model
@@ -8,11 +8,12 @@ with the full protocol (`job.evaluate`). Generation: the tutorial's per-characte
 our batched `job.sample.Sampler`. Both are related to the dense fp32 matmul FLOP/s measured in the same run.
 
 Corpus scale (bench/corpus_bench.py): prepare time, cached-run set-up, worker peak RSS and training chars/s
-for corpora of 1 MB to 1 GB made from the benchmark text.
+for corpora of 1 MB to 1 GB made from the benchmark text. S3 scale (bench/s3_bench.py): a 1 GB corpus prepared
+local -> local and S3 -> S3 (a local S3 server) side by side, and a node's download of the dataset.
 
 Writes <out>/<YYYY-MM-DD>.json, <out>/loss_vs_time.png, <out>/gen_chars_per_sec.png and <out>/latest.md
-(and <out>/corpus_scale.{json,md,png}), and prints the Markdown tables. The corpus is never downloaded: pass
---corpus or set CORPUS.
+(and <out>/corpus_scale.{json,md,png}, <out>/s3_scale.{json,md}), and prints the Markdown tables. The corpus
+is never downloaded: pass --corpus or set CORPUS.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--corpus", default=os.environ.get("CORPUS"),
                    help="Local path (or file:// URL) of the corpus; default: $CORPUS. Never downloaded.")
-    p.add_argument("--only", choices=("train", "gen", "scale", "corpus", "finetune"),
-                   help="Run only the training, generation, scaling, corpus-scale or fine-tuning part.")
+    p.add_argument("--only", choices=("train", "gen", "scale", "corpus", "s3", "finetune"),
+                   help="Run only the training, generation, scaling, corpus-scale, S3-scale or fine-tuning part.")
     p.add_argument("--corpus2", default=os.environ.get("CORPUS2"),
                    help="Second corpus (local path) for the fine-tuning part; default: $CORPUS2, else invented prose "
                         "the bench writes.")
@@ -90,6 +91,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Corpus sizes in MB for the corpus-scale part (default 1,10,100,1000).")
     p.add_argument("--corpus-minutes", type=float, default=1.0,
                    help="Training budget of each cached run in the corpus-scale part (default 1).")
+    p.add_argument("--s3-size-mb", type=int, default=1000,
+                   help="Corpus size in MB for the S3-scale part (local -> local beside S3 -> S3; default 1000).")
     p.add_argument("--scale-epochs", type=int, default=6,
                    help="Epochs per scaling run; the first (compilation) is not counted (default 6).")
     return p
@@ -348,6 +351,10 @@ def markdown(results: dict[str, Any]) -> str:
         from bench import finetune_bench
 
         lines += finetune_bench.markdown(results["finetune"])
+    if results.get("s3_scale"):
+        from bench import s3_bench
+
+        lines += ["## Corpora from S3", "", s3_bench.markdown(results["s3_scale"]), ""]
     lines += ["## Targets", "", "| target | measured | met? |", "|---|---:|:---:|"]
     if "target_loss" in a:
         t = a["target_loss"]
@@ -529,6 +536,14 @@ def main(argv: list[str] | None = None) -> int:
         (out / "corpus_scale.md").write_text(corpus_bench.markdown(cs) + "\n")
         corpus_bench.plot(cs, out / "corpus_scale.png")
         print("\n" + corpus_bench.markdown(cs), flush=True)
+    if args.only in (None, "s3"):
+        from bench import s3_bench
+
+        s3 = s3_bench.run(text, workdir / "s3-scale", args.s3_size_mb)
+        results["s3_scale"] = s3
+        (out / "s3_scale.json").write_text(json.dumps(s3, indent=2, sort_keys=True))
+        (out / "s3_scale.md").write_text(s3_bench.markdown(s3) + "\n")
+        print("\n" + s3_bench.markdown(s3), flush=True)
     samples += common.matmul_samples(args.matmul_n)  # again at the end: the machine is shared
     flops = common.matmul_flops(args.matmul_n, common.median(samples))
     results["matmul"] = {"n": args.matmul_n, "samples_sec": samples, "flops_per_sec": flops}

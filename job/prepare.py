@@ -702,7 +702,7 @@ def _read_range(fh, nbytes: int, size: int) -> Iterator[bytes]:
         yield data
 
 
-def _encode_all(items: list[_Cleaned], splits: list[int], vocab: Vocab, dtype: str, train_path: str, val_path: str,
+def _encode_all(items: list[_Cleaned], splits: list[int], vocab: Vocab, dtype: str, train_sink, val_sink,
                 chunk_chars: int, progress: Progress) -> tuple[int, int, list[list[int]], dict[str, str]]:
     """Pass 2: train.bin = every file's training part, a blank line between files; val.bin = per file with a
     tail, up to VAL_CONTEXT chars before its split and then the tail. Returns (train chars, val chars,
@@ -711,46 +711,39 @@ def _encode_all(items: list[_Cleaned], splits: list[int], vocab: Vocab, dtype: s
     separator = table[[ord("\n")]].astype(dtype).tobytes()  # files end with "\n": one more makes a blank line
     train_pos = val_pos = 0
     segments: list[list[int]] = []
-    with _Hashing(train_path) as train, _Hashing(val_path) as val:
-        for i, (item, split) in enumerate(zip(items, splits, strict=True)):
-            if i:
-                train.write(separator)
-                train_pos += 1
-            context_start = max(0, split - VAL_CONTEXT) if split < item.chars else item.chars
-            if split < item.chars:
-                segments.append([val_pos, split - context_start, item.chars - split])
-            pos = 0
-            for ids in _file_ids(item, table, dtype, chunk_chars, progress):
-                end = pos + len(ids)
-                if pos < split:
-                    part = ids[: split - pos]
-                    train.write(part.tobytes())
-                    train_pos += len(part)
-                if end > context_start:
-                    part = ids[max(0, context_start - pos):]
-                    val.write(part.tobytes())
-                    val_pos += len(part)
-                pos = end
+    train, val = _Hashing(train_sink), _Hashing(val_sink)
+    for i, (item, split) in enumerate(zip(items, splits, strict=True)):
+        if i:
+            train.write(separator)
+            train_pos += 1
+        context_start = max(0, split - VAL_CONTEXT) if split < item.chars else item.chars
+        if split < item.chars:
+            segments.append([val_pos, split - context_start, item.chars - split])
+        pos = 0
+        for ids in _file_ids(item, table, dtype, chunk_chars, progress):
+            end = pos + len(ids)
+            if pos < split:
+                part = ids[: split - pos]
+                train.write(part.tobytes())
+                train_pos += len(part)
+            if end > context_start:
+                part = ids[max(0, context_start - pos):]
+                val.write(part.tobytes())
+                val_pos += len(part)
+            pos = end
     return train_pos, val_pos, segments, {TRAIN_FILE: train.sha.hexdigest(), VAL_FILE: val.sha.hexdigest()}
 
 
 class _Hashing:
-    """A file opened for writing that hashes what is written to it (the dataset's checksums cost no extra pass)."""
+    """A sink (a file, a storage.Upload) that hashes what is written to it (the checksums cost no extra pass)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, sink):
+        self.sink = sink
         self.sha = hashlib.sha256()
-
-    def __enter__(self) -> _Hashing:
-        self.fh = open(self.path, "wb")  # noqa: SIM115 - closed in __exit__
-        return self
 
     def write(self, data: bytes) -> None:
         self.sha.update(data)
-        self.fh.write(data)
-
-    def __exit__(self, *exc) -> None:
-        self.fh.close()
+        self.sink.write(data)
 
 
 def file_sha256(path: str, block: int = 8 << 20) -> str:
@@ -844,16 +837,48 @@ def _staging(output_url: str) -> Iterator[str]:
                 break  # not empty: something else wrote there
 
 
-def _publish(tmp: str, output_url: str, meta: dict) -> None:
-    """train.bin and val.bin first, meta.json last, each atomically. A previous meta.json goes first of all,
-    so a reader never pairs it with the new .bin files."""
-    storage.delete(storage.join(output_url, META_FILE))
-    for name in (TRAIN_FILE, VAL_FILE):
-        if storage.is_local(output_url):
-            os.replace(os.path.join(tmp, name), os.path.join(storage.local_path(output_url), name))
-        else:
-            storage.upload_file(os.path.join(tmp, name), storage.join(output_url, name))
-    storage.write_text(storage.join(output_url, META_FILE), json.dumps(meta, ensure_ascii=False, indent=1) + "\n")
+class _Bins:
+    """Where pass 2 writes train.bin and val.bin. An S3 output: uploads whose parts go up while pass 2 runs (no
+    local copy), completed by `publish` and aborted if the preparation fails before it. Otherwise files in the
+    work folder, renamed into place (local) or uploaded (other filesystems) by `publish`. `publish` writes the
+    .bin files first and meta.json last, each atomically; a previous meta.json goes first of all, so a reader
+    never pairs it with the new .bin files."""
+
+    def __init__(self, tmp: str, output_url: str, expected_bytes: int):
+        self.tmp, self.output_url, self.expected = tmp, output_url, expected_bytes
+        self.sinks: dict[str, Any] = {}
+        self.published = False
+
+    def __enter__(self) -> _Bins:
+        for name in (TRAIN_FILE, VAL_FILE):
+            if storage.is_s3(self.output_url):
+                self.sinks[name] = storage.Upload(storage.join(self.output_url, name), self.expected)
+            else:
+                self.sinks[name] = open(os.path.join(self.tmp, name), "wb")  # noqa: SIM115 - closed in __exit__
+        return self
+
+    def publish(self, meta: dict) -> None:
+        storage.delete(storage.join(self.output_url, META_FILE))
+        for name, sink in self.sinks.items():
+            if isinstance(sink, storage.Upload):
+                sink.commit()
+                continue
+            sink.close()
+            if storage.is_local(self.output_url):
+                os.replace(os.path.join(self.tmp, name), os.path.join(storage.local_path(self.output_url), name))
+            else:  # another fsspec filesystem
+                storage.upload_file(os.path.join(self.tmp, name), storage.join(self.output_url, name))
+        self.published = True
+        storage.write_text(storage.join(self.output_url, META_FILE),
+                           json.dumps(meta, ensure_ascii=False, indent=1) + "\n")
+
+    def __exit__(self, *exc: object) -> None:
+        for sink in self.sinks.values():
+            if isinstance(sink, storage.Upload):
+                if not self.published:
+                    sink.abort()
+            else:
+                sink.close()
 
 
 def prepare(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fraction: float = 0.1,
@@ -878,7 +903,7 @@ def prepare(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fra
     workers = auto_workers(sources) if workers is None else workers
     known = [s.size for s in sources]
     reading = Progress(corpus_url, sum(known) if None not in known else None, log_every, log)
-    with _staging(output_url) as tmp:
+    with _staging(output_url) as tmp, contextlib.ExitStack() as stack:
         items, skipped, counts = _clean_all(sources, tmp, lowercase=lowercase, skip_bad_files=skip_bad_files,
                                             chunk_chars=chunk_chars, head_chars=head_chars, workers=workers,
                                             progress=reading)
@@ -912,9 +937,9 @@ def prepare(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fra
                 "*.txt > all.txt) or add longer files")
         dtype = dtype_for(len(vocab))
         encoding = Progress(corpus_url, sum(i.nbytes for i in items), log_every, log, unit="encoded")
+        bins = stack.enter_context(_Bins(tmp, output_url, (total + len(items)) * np.dtype(dtype).itemsize))
         train_chars, val_chars, segments, digests = _encode_all(
-            items, splits, vocab, dtype, os.path.join(tmp, TRAIN_FILE), os.path.join(tmp, VAL_FILE), chunk_chars,
-            encoding)
+            items, splits, vocab, dtype, bins.sinks[TRAIN_FILE], bins.sinks[VAL_FILE], chunk_chars, encoding)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -944,7 +969,7 @@ def prepare(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fra
         meta["checksum"] = meta_checksum(meta)
         if validate is not None:
             validate(meta)
-        _publish(tmp, output_url, meta)
+        bins.publish(meta)
     log(summary(meta, output_url))
     return meta
 
@@ -1226,4 +1251,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    from job import prepare  # by its name: child processes find what it defines (e.g. _clean_in_child) there
+
+    sys.exit(run_cli(prepare.main))

@@ -29,7 +29,9 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -527,6 +529,99 @@ def part_size(nbytes: int) -> int:
     return max(TRANSFER_PART, -(-nbytes // MAX_PARTS))
 
 
+class Upload:
+    """An S3 object written as a stream and shown to readers only by `commit()`: its parts go up
+    TRANSFER_CONCURRENCY at a time from threads while the writer goes on (a write blocks when that many are in
+    flight, so memory stays at about (TRANSFER_CONCURRENCY + 1) parts); `commit()` completes the multipart
+    upload (one PUT for an object under one part), `abort()` discards it. `expected_bytes`, an upper bound on
+    the size, only raises the part size where S3's part limit needs it.
+
+    A process killed mid-upload leaves parts no reader can see; a bucket lifecycle rule
+    (AbortIncompleteMultipartUpload) removes them."""
+
+    def __init__(self, url: str, expected_bytes: int = 0):
+        self.url = url
+        with translate_errors(url):
+            self.fs, path = _writable_fs(url)
+        self.bucket, self.key = path.split("/", 1)
+        self.part = part_size(expected_bytes)
+        self.buffer = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[tuple[int, Future]] = []
+        self.slots = threading.Semaphore(TRANSFER_CONCURRENCY)
+        self.pool = ThreadPoolExecutor(TRANSFER_CONCURRENCY, thread_name_prefix="charlstm-upload")
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= self.part:
+            self._send(bytes(self.buffer[: self.part]))
+            del self.buffer[: self.part]
+
+    def _send(self, data: bytes) -> None:
+        for _, done in self.parts:
+            if done.done() and done.exception() is not None:
+                done.result()  # a failed part ends the upload now, not at commit
+        with translate_errors(self.url):
+            if self.upload_id is None:
+                self.upload_id = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket,
+                                                 Key=self.key)["UploadId"]
+        self.slots.acquire()
+        number = len(self.parts) + 1
+        try:
+            future = self.pool.submit(self._upload_part, number, data)
+        except BaseException:
+            self.slots.release()
+            raise
+        self.parts.append((number, future))
+
+    def _upload_part(self, number: int, data: bytes) -> str:
+        try:
+            with translate_errors(self.url):
+                return self.fs.call_s3("upload_part", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                       PartNumber=number, Body=data)["ETag"]
+        finally:
+            self.slots.release()
+
+    def commit(self) -> None:
+        """Make the object visible with everything written (atomically for readers); on failure, abort."""
+        try:
+            self._finish()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finish(self) -> None:
+        with translate_errors(self.url):
+            if self.upload_id is None:
+                self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer))
+            else:
+                if self.buffer:
+                    self._send(bytes(self.buffer))
+                parts = [{"PartNumber": n, "ETag": f.result()} for n, f in self.parts]
+                self.fs.call_s3("complete_multipart_upload", Bucket=self.bucket, Key=self.key,
+                                UploadId=self.upload_id, MultipartUpload={"Parts": parts})
+        self.buffer = bytearray()
+        self._close()
+
+    def abort(self) -> None:
+        """Discard everything written (best effort: an abort that fails leaves only invisible parts)."""
+        for _, future in self.parts:
+            future.cancel()
+        self._close()
+        if self.upload_id is not None:
+            with contextlib.suppress(Exception):
+                self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key,
+                                UploadId=self.upload_id)
+            self.upload_id = None
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.pool.shutdown(wait=True)
+            self.fs.invalidate_cache(f"{self.bucket}/{self.key}")
+
+
 def download_file(url: str, local_file: str) -> None:
     """Copy `url` to a local file, atomically: written under a temporary name in the same folder and renamed,
     so a reader (another worker on this node) sees no file or the whole file."""
@@ -750,7 +845,9 @@ def open_read(url: str) -> Iterator:
     while opening or while reading inside the `with` block, become one-line UserErrors naming `url`."""
     with translate_errors(url):
         fs, path = _fs(url)
-        with fs.open(path, "rb") as fh:
+        # No read cache for S3: callers read in large chunks (and prefetch the next), so each read is one ranged
+        # GET; s3fs's readahead would hold a block more than each read besides.
+        with fs.open(path, "rb", **({"cache_type": "none"} if is_s3(url) else {})) as fh:
             yield fh
 
 
@@ -795,7 +892,7 @@ def read_versioned(url: str) -> tuple[bytes, str] | None:
         fs, path = _fs(url)
         if is_local(url):
             return _local_version(path)
-        if not _is_s3(url):
+        if not is_s3(url):
             return _other_version(fs, path)
         bucket, key = path.split("/", 1)
         try:
@@ -805,7 +902,7 @@ def read_versioned(url: str) -> tuple[bytes, str] | None:
         return _read_body(fs, response["Body"]), str(response["ETag"])
 
 
-def _is_s3(url: str) -> bool:
+def is_s3(url: str) -> bool:
     return _scheme(url) in ("s3", "s3a")
 
 
@@ -846,7 +943,7 @@ def write_if(url: str, data: bytes, token: str | None) -> str | None:
                 with _replacing(path) as tmp, open(tmp, "wb") as fh:
                     fh.write(data)
                 return _local_version(path)[1]
-        if not _is_s3(url):  # best effort: read, compare, write
+        if not is_s3(url):  # best effort: read, compare, write
             current = _other_version(fs, path)
             if (current is None) != (token is None) or (current is not None and current[1] != token):
                 return None
@@ -879,7 +976,7 @@ def delete_if(url: str, token: str) -> bool:
                     return False
                 os.unlink(path)
                 return True
-        if not _is_s3(url):
+        if not is_s3(url):
             current = _other_version(fs, path)
             if current is None or current[1] != token:
                 return False

@@ -357,6 +357,23 @@ def test_parallel_preparation_refuses_the_first_bad_file_as_the_serial_one_does(
     assert refusals[0] == refusals[1] and "1b.txt" in refusals[0]
 
 
+def test_the_cli_prepares_in_child_processes(tmp_path):
+    """`python -m job.prepare --workers 2`: the children find the module's functions by its name (not
+    __main__'s), and the dataset is the one prepared in one process."""
+    import subprocess
+    import sys
+
+    for i in range(3):
+        write(tmp_path / "c" / f"{i}.txt", book(i, 6_000))
+    proc = subprocess.run([sys.executable, "-m", "job.prepare", "--corpus", str(tmp_path / "c"), "--output",
+                           str(tmp_path / "two"), "--workers", "2", "--log-every-seconds", "0"],
+                          capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == 2 and not proc.stderr  # "preparing dataset ..." and the summary: no noise
+    run(tmp_path / "c", tmp_path / "one", workers=1, chunk_chars=prepare.CHUNK_CHARS)
+    assert _dataset_bytes(tmp_path / "two") == _dataset_bytes(tmp_path / "one")
+
+
 def test_automatic_workers_only_for_several_large_enough_files(monkeypatch):
     monkeypatch.setattr(prepare, "usable_cores", lambda: 12)
     big = prepare.PARALLEL_MIN_BYTES
@@ -626,3 +643,29 @@ def test_prepare_from_and_to_s3(s3_server, s3_prefix, tmp_path, monkeypatch):
     texts = [corpus.clean(book(s, 4000)) for s in (1, 2)]
     assert ds.vocab.decode(ds.train) == "\n".join(t[: f["train_chars"]] for t, f in zip(texts, meta["files"],
                                                                                            strict=True))
+
+
+@pytest.mark.e2e
+def test_prepare_to_s3_streams_the_bins_and_a_refusal_leaves_nothing(s3_server, s3_prefix, tmp_path, monkeypatch):
+    """An S3 output gets train.bin as a multipart upload written during encoding; a preparation refused after
+    encoding (validate) aborts it: no object, no pending upload, nothing under the output."""
+    monkeypatch.setattr(storage, "TRANSFER_PART", 5 << 20)
+    text = np.random.default_rng(5).choice(np.frombuffer(b"abcdefgh \n", np.uint8), 12 << 20).tobytes().decode()
+    path = write(tmp_path / "big.txt", text)
+    client = s3_server.client()
+    key = s3_prefix.split("/", 3)[3]
+
+    def refuse(meta):
+        raise UserError("refused for the test")
+
+    with pytest.raises(UserError, match="refused for the test"):
+        prepare.prepare(path, storage.join(s3_prefix, "no"), log=lambda line: None, validate=refuse)
+    assert storage.listdir(storage.join(s3_prefix, "no")) == []
+    assert client.list_multipart_uploads(Bucket=s3_server.bucket, Prefix=key).get("Uploads", []) == []
+    meta = prepare.prepare(path, storage.join(s3_prefix, "ds"), log=lambda line: None)
+    head = client.head_object(Bucket=s3_server.bucket, Key=f"{key}/ds/train.bin", PartNumber=1)
+    assert head["PartsCount"] == 3  # 11.3 MB of uint8 ids in 5 MiB parts
+    monkeypatch.setenv("CHARLSTM_CACHE_DIR", str(tmp_path / "cache"))
+    ds = prepare.open_local(storage.join(s3_prefix, "ds"))  # (verifies the sha256 of what was streamed)
+    assert ds.vocab.decode(ds.train[:1000]) == corpus.clean(text)[:1000]
+    assert meta["train_chars"] == len(ds.train)

@@ -242,6 +242,32 @@ def test_s3_transfers_hold_a_bounded_amount_in_memory(tmp_path, s3_server, s3_pr
     storage._S3_CACHE.clear()
 
 
+def test_s3_streamed_upload_is_invisible_until_commit_and_abort_leaves_nothing(s3_server, s3_prefix, monkeypatch):
+    monkeypatch.setattr(storage, "TRANSFER_PART", 5 << 20)
+    client = s3_server.client()
+    key = lambda url: url.split("/", 3)[3]  # noqa: E731
+    data = os.urandom(1 << 20) * 12  # three parts, the last one short
+    url = storage.join(s3_prefix, "streamed.bin")
+    upload = storage.Upload(url)
+    for at in range(0, len(data), 3 << 20):
+        upload.write(data[at: at + (3 << 20)])
+    assert not storage.exists(url)  # parts are up, the object is not
+    upload.commit()
+    assert s3_server.get_bytes(key(url)) == data
+    assert client.head_object(Bucket=s3_server.bucket, Key=key(url), PartNumber=1)["PartsCount"] == 3
+    small = storage.join(s3_prefix, "small.bin")
+    tiny = storage.Upload(small)
+    tiny.write(b"abc")
+    tiny.commit()  # under one part: one PUT
+    assert s3_server.get_bytes(key(small)) == b"abc"
+    dropped = storage.Upload(storage.join(s3_prefix, "dropped.bin"))
+    dropped.write(data)
+    dropped.abort()
+    assert not storage.exists(storage.join(s3_prefix, "dropped.bin"))
+    pending = client.list_multipart_uploads(Bucket=s3_server.bucket, Prefix=key(s3_prefix)).get("Uploads", [])
+    assert pending == []
+
+
 def test_upload_parts_grow_only_past_s3s_part_limit():
     assert storage.part_size(1 << 30) == storage.TRANSFER_PART
     assert storage.part_size(storage.TRANSFER_PART * storage.MAX_PARTS) == storage.TRANSFER_PART

@@ -1,0 +1,155 @@
+"""S3 scale: what preparing a large corpus costs from object storage, beside the same corpus on local disk.
+
+One run, one corpus of SIZE MB (files of at most 50 MB, written by repeating the benchmark text), a local S3
+server (moto over HTTP on 127.0.0.1, started and stopped here), the CLI with its default flags:
+
+1. `python -m job.prepare --corpus DIR/ --output DIR2`           (local -> local)
+2. `python -m job.prepare --corpus s3://b/corpus/ --output s3://b/data`   (S3 -> S3)
+3. a node's dataset download, as a worker does it (`prepare.open_local` of the S3 dataset into an empty cache).
+
+Each row: wall time of the whole process and peak RSS of its process tree (the sum over the process and its
+children, sampled every 50 ms: preparation cleans files in child processes). The goals: S3 -> S3 within
+256 MB and 1.3x of local -> local, and the download's RSS as flat. The moto server runs on the same machine and
+competes for its cores; a real S3 endpoint does not, so the S3 rows are a pessimistic bound.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import corpus_bench
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "charlstm-bench"
+GOALS = {"rss_over_local_mb": 256.0, "time_ratio": 1.3}
+
+
+def run_tree(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Run `cmd`: exit code, wall seconds, peak RSS (MB) of it and its children together, its last lines."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = [0]
+
+    def watch() -> None:
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                total = 0
+                for p in tree:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                peak[0] = max(peak[0], total)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    watcher.join()
+    return {"returncode": proc.returncode, "wall_sec": time.monotonic() - t0, "peak_rss_mb": peak[0] / 1e6,
+            "tail": out.strip().splitlines()[-3:]}
+
+
+def _env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
+    return {**env, **extra}
+
+
+def run(text: str, workdir: Path, size_mb: int) -> dict[str, Any]:
+    """The three rows for a corpus of `size_mb` MB, and the goals checked."""
+    from infra import localstack
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    corpus = workdir / "corpus"
+    files = corpus_bench.write_corpus(text, size_mb, corpus)
+    result: dict[str, Any] = {"size_mb": size_mb, "files": files, "goals": GOALS}
+    print(f"\n== S3 scale: {size_mb} MB in {files} file(s)", flush=True)
+    s3 = localstack.start_s3(workdir / "stack", bucket=BUCKET)
+    try:
+        aws = localstack.s3_env(s3.endpoint)
+        client = localstack.boto3_client(s3.endpoint)
+        for f in sorted(corpus.iterdir()):
+            client.upload_file(str(f), BUCKET, f"corpus/{f.name}")
+        rows = {
+            "local_to_local": [sys.executable, "-m", "job.prepare", "--corpus", f"{corpus}/", "--output",
+                               str(workdir / "data")],
+            "s3_to_s3": [sys.executable, "-m", "job.prepare", "--corpus", f"s3://{BUCKET}/corpus/", "--output",
+                         f"s3://{BUCKET}/data"],
+            "download": [sys.executable, "-c", "import sys; from job import prepare; "
+                         "prepare.open_local(sys.argv[1], cache_dir=sys.argv[2])", f"s3://{BUCKET}/data",
+                         str(workdir / "node-cache")],
+        }
+        for name, cmd in rows.items():
+            row = run_tree(cmd, _env(aws), timeout=3600)
+            result[name] = row
+            print(f"   {name}: exit {row['returncode']}, {row['wall_sec']:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB",
+                  flush=True)
+    finally:
+        s3.proc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    result.update(assess(result))
+    return result
+
+
+def assess(result: dict[str, Any]) -> dict[str, Any]:
+    local, s3, dl = (result.get(k) for k in ("local_to_local", "s3_to_s3", "download"))
+    ok = [r is not None and r["returncode"] == 0 for r in (local, s3, dl)]
+    out: dict[str, Any] = {}
+    if ok[0] and ok[1]:
+        out["rss_over_local_mb"] = s3["peak_rss_mb"] - local["peak_rss_mb"]
+        out["time_ratio"] = s3["wall_sec"] / local["wall_sec"]
+        out["s3_ok"] = out["rss_over_local_mb"] <= GOALS["rss_over_local_mb"] and \
+            out["time_ratio"] <= GOALS["time_ratio"]
+        gb = result["size_mb"] / 1000
+        out["per_gb"] = {k: {"sec": result[k]["wall_sec"] / gb} for k in ("local_to_local", "s3_to_s3")}
+    if ok[0] and ok[2]:
+        out["download_rss_over_local_mb"] = dl["peak_rss_mb"] - local["peak_rss_mb"]
+        out["download_ok"] = out["download_rss_over_local_mb"] <= GOALS["rss_over_local_mb"]
+        out.setdefault("per_gb", {})["download"] = {"sec": dl["wall_sec"] / (result["size_mb"] / 1000)}
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    def yes(v: bool | None) -> str:
+        return "n/a" if v is None else ("**yes**" if v else "**NO**")
+
+    lines = [f"S3 scale: a {result['size_mb']:,} MB corpus in {result['files']} file(s), `python -m job.prepare` "
+             "with default flags; the S3 server (moto) shares this machine's cores.", "",
+             "| path | whole process | peak RSS (process tree) | per GB |", "|---|---:|---:|---:|"]
+    labels = {"local_to_local": "local -> local", "s3_to_s3": "S3 -> S3", "download": "node download (open_local)"}
+    for key, label in labels.items():
+        row = result.get(key)
+        if row is None:
+            continue
+        if row["returncode"] != 0:
+            lines.append(f"| {label} | exit {row['returncode']}: {' | '.join(row['tail'])[:120]} | | |")
+            continue
+        per_gb = result.get("per_gb", {}).get(key, {}).get("sec")
+        lines.append(f"| {label} | {row['wall_sec']:.1f} s | {row['peak_rss_mb']:,.0f} MB | "
+                     f"{'n/a' if per_gb is None else f'{per_gb:.1f} s'} |")
+    goals = result["goals"]
+    if "time_ratio" in result:
+        lines += ["", f"S3 -> S3 vs local -> local: {result['rss_over_local_mb']:+,.0f} MB RSS (goal <= "
+                  f"{goals['rss_over_local_mb']:.0f}), {result['time_ratio']:.2f}x the time (goal <= "
+                  f"{goals['time_ratio']}): {yes(result.get('s3_ok'))}"]
+    if "download_rss_over_local_mb" in result:
+        lines.append(f"Node download: {result['download_rss_over_local_mb']:+,.0f} MB RSS over local -> local "
+                     f"(goal <= {goals['rss_over_local_mb']:.0f}): {yes(result.get('download_ok'))}")
+    return "\n".join(lines)
