@@ -161,3 +161,21 @@ def test_finetune_table_and_goal():
     result["scratch"] = {"error": "boom"}
     assert finetune_bench.target(result) is None and "| from scratch | failed |" in "\n".join(
         finetune_bench.markdown(result))
+
+
+def test_s3_scale_table_and_goals():
+    from bench import s3_bench
+
+    row = lambda sec, mb: {"returncode": 0, "wall_sec": sec, "peak_rss_mb": mb, "tail": []}  # noqa: E731
+    result = {"size_mb": 1000, "files": 20, "goals": s3_bench.GOALS, "local_to_local": row(30.0, 400.0),
+              "s3_to_s3": row(36.0, 600.0), "download": row(12.0, 250.0)}
+    result.update(s3_bench.assess(result))
+    assert result["rss_over_local_mb"] == 200.0 and result["time_ratio"] == 1.2 and result["s3_ok"] is True
+    assert result["per_gb"]["s3_to_s3"]["sec"] == 36.0 and result["download_ok"] is True
+    table = s3_bench.markdown(result)
+    assert "| S3 -> S3 | 36.0 s | 600 MB | 36.0 s |" in table and "**yes**" in table
+    slow = {**result, "s3_to_s3": row(45.0, 700.0)}
+    slow.update(s3_bench.assess(slow))
+    assert slow["s3_ok"] is False and "**NO**" in s3_bench.markdown(slow)
+    failed = {**result, "s3_to_s3": {**row(1.0, 1.0), "returncode": 2, "tail": ["error: no bucket"]}}
+    assert "exit 2: error: no bucket" in s3_bench.markdown(failed)
