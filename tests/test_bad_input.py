@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -16,6 +17,16 @@ import pytest
 from logcheck import assert_one_line_error, assert_user_error, run
 
 MISSING_BUCKET = "charlstm-no-such-bucket"
+# What a job prints on stdout once it gets going, in this order: training's dataset ("preparing dataset ..." or
+# "dataset ... is current", then "dataset <url>: N file(s), ..."), "training <preset>: ..." just before its first
+# step, "step ..." progress, "epoch ..." lines and the closing {"final": ...}; generation's "resuming: ...",
+# "generated ..." progress and closing {"samples": ...}. A job refused "before any work" printed none of them.
+STARTED = re.compile(r'^(preparing dataset |dataset |training |step |epoch |resuming: |generated |\{")', re.M)
+
+
+def assert_nothing_started(proc) -> None:
+    started = [m.group(0) for m in STARTED.finditer(proc.stdout)]
+    assert not started, f"the job got going ({started}) before it was refused:\n{proc.stdout[-2000:]}"
 
 
 @pytest.fixture
@@ -50,7 +61,7 @@ def test_missing_corpus_bucket(s3_server, tmp_path):
 def test_missing_output_bucket_is_refused_before_training(s3_server, corpus):
     proc = run("job.train", "--corpus", corpus, "--output", f"s3://{MISSING_BUCKET}/runs/a", "--in-process")
     assert_user_error(proc, f"S3 bucket '{MISSING_BUCKET}' does not exist")
-    assert "epoch" not in proc.stdout  # refused in preflight, not at the first checkpoint
+    assert_nothing_started(proc)  # refused before the dataset and training, not at the first checkpoint
 
 
 @pytest.mark.e2e
@@ -117,7 +128,7 @@ def test_unreachable_endpoint_fails_in_bounded_time(tmp_path, corpus):
     proc = run("job.train", "--corpus", corpus, "--output", "s3://bucket/runs/a", "--in-process", env=env,
                timeout=90)
     assert_user_error(proc, f"cannot reach the S3 endpoint {endpoint}")
-    assert "epoch" not in proc.stdout
+    assert_nothing_started(proc)
 
 
 # ------------------------------------------------------------------------------------ unwritable --output
@@ -138,10 +149,10 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path, corpus, case, co
     before = sorted(p.name for p in tmp_path.iterdir())
     if command == "job.train":
         proc = run("job.train", "--corpus", corpus, "--output", out, "--in-process")
-        assert "epoch" not in proc.stdout
     else:
         proc = run("job.generate", "--model", str(tmp_path / "nothing"), "--output", out, "--in-process")
     assert_user_error(proc, f"cannot write to {out}: ")
+    assert_nothing_started(proc)
     assert fragment in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # the probe left nothing behind
     assert not os.path.exists(out)

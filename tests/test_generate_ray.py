@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -59,29 +58,51 @@ def test_two_ray_workers_match_one_worker_byte_for_byte(ray_cluster, s3_server, 
     assert sorted(ids) == list(range(40))
 
 
+# `python -c KILL_AT_SHARD <job.generate flags>`: job.generate, SIGKILLed by itself at a known point: as it is about
+# to publish (rename into place) its Nth shard, whose samples then lie whole in a hidden temporary file. No polling,
+# no race with the last shards: every run is cut at the same point, and the kill cannot come too late.
+KILL_AT_SHARD = """
+import os, signal, sys, threading
+from job import generate
+from job.errors import run_cli
+
+kill_at, published, lock, real_replace = int(os.environ["KILL_AT_SHARD"]), [], threading.Lock(), os.replace
+
+
+def replace(src, dst, *args, **kwargs):
+    if "/samples/part-" not in str(dst):
+        return real_replace(src, dst, *args, **kwargs)
+    with lock:
+        if len(published) + 1 == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_replace(src, dst, *args, **kwargs)
+        published.append(dst)
+
+
+os.replace = replace
+sys.exit(run_cli(generate.main))
+"""
+
+
 def test_killed_generation_resumes_without_duplicates_or_partial_shards(s3_model, tmp_path):
     out = tmp_path / "gen"
-    cmd = [sys.executable, "-m", "job.generate", "--model", s3_model, "--output", str(out), "--num-samples", "80",
-           "--length", "300", "--shard-size", "8", "--batch-size", "8", "--seed", "9", "--in-process"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not (out / "samples" / "part-00001.jsonl.gz").exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    assert not (out / "manifest.json").exists(), "the run finished before it could be interrupted"
-    # Only complete shards carry a shard name; an interrupted write is at most a hidden .tmp file.
+    flags = ["--model", s3_model, "--output", str(out), "--num-samples", "80", "--length", "100", "--shard-size", "8",
+             "--batch-size", "8", "--seed", "9", "--in-process"]
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_SHARD, *flags], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "KILL_AT_SHARD": "3"}, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "manifest.json").exists()
+    # Only complete shards carry a shard name; the interrupted write is a hidden .tmp file.
     names = sorted(p.name for p in (out / "samples").iterdir())
-    done_before = [n for n in names if not (n.startswith(".") and n.endswith(".tmp"))]
-    assert done_before and all(n.startswith("part-") and n.endswith(".jsonl.gz") for n in done_before), names
+    done_before = [n for n in names if not n.endswith(".tmp")]
+    assert len(done_before) == 2 and all(n.startswith("part-") and n.endswith(".jsonl.gz") for n in done_before), names
+    assert [n for n in names if n.startswith(".part-") and n.endswith(".tmp")], names  # the 3rd, never published
     for name in done_before:
         assert len(gzip.decompress((out / "samples" / name).read_bytes()).decode().splitlines()) == 8
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    again = subprocess.run([sys.executable, "-m", "job.generate", *flags], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
     assert again.returncode == 0, again.stderr
-    assert f"resuming: {len(done_before)} of 10 shards already complete" in again.stdout
+    assert "resuming: 2 of 10 shards already complete" in again.stdout
     ids = [json.loads(line)["id"] for part in sorted((out / "samples").iterdir())
            for line in gzip.decompress(part.read_bytes()).decode().splitlines()]
     assert ids == list(range(80))

@@ -3,8 +3,6 @@ for logs that mix Ray's output with ours (tests/logcheck.py)."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import textgen
 from logcheck import assert_no_traceback_from_our_code, is_our_file, tracebacks_from_our_code
@@ -14,13 +12,12 @@ from job import corpus
 # ------------------------------------------------------------------------------------------------ textgen
 
 
-def test_story_is_deterministic_sized_and_fast():
-    started = time.perf_counter()
+def test_story_is_deterministic_and_sized():
     text = textgen.story(25_000, seed=1)
-    assert time.perf_counter() - started < 0.5  # milliseconds in practice
     assert len(text) == 25_000 and text == text.strip()
     assert text == textgen.story(25_000, seed=1) and text != textgen.story(25_000, seed=2)
-    assert textgen.story(4000, seed=1) == text[:4000].rstrip()
+    for size in (1, 100, 4000, 12_345):  # a shorter story is the same story cut shorter (trailing blanks dropped)
+        assert textgen.story(size, seed=1) == text[:size].rstrip() and len(text[:size].rstrip()) > size - 3
     assert text.isascii()  # N characters are N bytes: the tests cut books by bytes and by characters
 
 

@@ -5,10 +5,58 @@ import pytest
 from job.config import PRESETS, TrainConfig
 
 
+def cudnn_refusals(layer) -> list[str]:
+    """Why Keras 3 (TensorFlow backend) would not run `layer` with the cuDNN kernel on a GPU, as
+    keras.layers.LSTM.inner_loop and the backend's cudnn_ok decide; [] when it would. (Our predicate: the presets'
+    test below relies on it, and test_our_predicate_refuses_what_keras_refuses checks it against Keras itself.)"""
+    import keras
+    import tensorflow as tf
+
+    reasons = []
+    if layer.use_cudnn not in ("auto", True):
+        reasons.append("use_cudnn")
+    if layer.recurrent_dropout:
+        reasons.append("recurrent_dropout")
+    if layer.activation not in (keras.activations.tanh, keras.ops.tanh, tf.tanh):
+        reasons.append("activation")
+    if layer.recurrent_activation not in (keras.activations.sigmoid, keras.ops.sigmoid, tf.sigmoid):
+        reasons.append("recurrent_activation")
+    if layer.unroll:
+        reasons.append("unroll")
+    if not layer.use_bias:
+        reasons.append("use_bias")
+    return reasons
+
+
+def keras_runs_cudnn(layer, width: int) -> bool:
+    """What Keras itself does when `layer` runs (training) on a GPU. This machine has none: Keras is told it has
+    one, and its cuDNN kernel is replaced by a probe that records the call and declines (NotImplementedError, upon
+    which Keras falls back to its generic loop, as it does where cuDNN is missing)."""
+    import importlib
+
+    import numpy as np
+
+    rnn = importlib.import_module("keras.src.backend.tensorflow.rnn")  # the module (the package exports a function)
+
+    called = []
+
+    def probe(*args, **kwargs):
+        called.append(True)
+        raise NotImplementedError
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rnn, "_is_gpu_available", lambda: True)
+        mp.setattr(rnn, "_cudnn_lstm", probe)
+        try:
+            layer(np.zeros((2, 3, width), np.float32), training=True)
+        except ValueError as exc:  # use_cudnn=True where Keras would not use cuDNN
+            assert "use_cudnn=True was specified" in str(exc)
+    return bool(called)
+
+
 @pytest.mark.parametrize("preset", ["default", "gpu"])
 def test_gpu_presets_build_cudnn_eligible_lstms(preset):
     import keras
-    from keras.src.backend.tensorflow.rnn import _do_lstm_arguments_support_cudnn
 
     from job import model
 
@@ -16,25 +64,35 @@ def test_gpu_presets_build_cudnn_eligible_lstms(preset):
     built = model.build(cfg, vocab_size=100)
     layers = model.lstm_layers(built)
     assert [layer.units for layer in layers] == cfg.units
-    for layer in layers:
-        # What keras.layers.LSTM.inner_loop checks before it calls the cuDNN kernel (Keras 3, TF backend).
-        assert layer.use_cudnn in ("auto", True) and layer.recurrent_dropout == 0.0, layer.name
-        assert _do_lstm_arguments_support_cudnn(layer.activation, layer.recurrent_activation, layer.unroll,
-                                                layer.use_bias), layer.name
-        assert isinstance(layer, keras.layers.LSTM) and not layer.go_backwards
+    widths = [cfg.embed_dim, *cfg.units[:-1]]  # each LSTM's input width
+    for layer, width in zip(layers, widths, strict=True):
+        assert isinstance(layer, keras.layers.LSTM) and not layer.go_backwards, layer.name
+        assert cudnn_refusals(layer) == [], layer.name
+        assert keras_runs_cudnn(layer, width), layer.name
     if preset == "gpu":
         assert built.count_params() > 10_000_000 and cfg.batch_size * cfg.seq_len >= 25_600
 
 
-def test_a_recurrent_dropout_would_fail_the_check():
-    """The check above can fail: an LSTM with recurrent dropout or another activation is not cuDNN's."""
+@pytest.mark.parametrize(("settings", "reason"), [
+    ({}, None),
+    ({"recurrent_dropout": 0.1}, "recurrent_dropout"),
+    ({"activation": "relu"}, "activation"),
+    ({"recurrent_activation": "hard_sigmoid"}, "recurrent_activation"),
+    ({"unroll": True}, "unroll"),
+    ({"use_bias": False}, "use_bias"),
+    ({"use_cudnn": False}, "use_cudnn"),
+    ({"use_cudnn": True, "recurrent_dropout": 0.1}, "recurrent_dropout"),
+], ids=["plain", "recurrent-dropout", "relu", "hard-sigmoid", "unroll", "no-bias", "cudnn-off",
+        "cudnn-forced-recurrent-dropout"])
+def test_our_predicate_refuses_what_keras_refuses(settings, reason):
+    """The check above can fail: our predicate names each setting that keeps Keras off the cuDNN kernel, a
+    recurrent dropout first of all (an LSTM with the other settings at their defaults is eligible), and Keras
+    agrees, so the predicate is neither stricter nor laxer than what Keras does."""
     import keras
-    from keras.src.backend.tensorflow.rnn import _do_lstm_arguments_support_cudnn
 
-    relu = keras.layers.LSTM(8, activation="relu")
-    assert not _do_lstm_arguments_support_cudnn(relu.activation, relu.recurrent_activation, relu.unroll,
-                                                relu.use_bias)
-    assert keras.layers.LSTM(8, recurrent_dropout=0.1).recurrent_dropout != 0.0
+    layer = keras.layers.LSTM(8, **settings)
+    assert cudnn_refusals(layer) == ([reason] if reason else [])
+    assert keras_runs_cudnn(layer, 4) is (reason is None)
 
 
 @pytest.mark.parametrize(("preset", "batch", "reserved", "threads"), [

@@ -53,7 +53,8 @@ def _key(url: str) -> str:
 class Runs:
     proxy: FaultyProxy
     train_out: str
-    train_logs: str
+    train_logs: str  # the job's logs and what `ray job submit` printed (which repeats them)
+    train_job_logs: str  # the job's logs alone: each line once
     train_faults: dict
     reference_train: Path
     gen_out: str
@@ -102,9 +103,9 @@ def flaky(s3_server, ray_cluster, tmp_path_factory):
     from job import generate
 
     assert generate.main(["--model", train_out, "--output", str(reference_gen), *GEN_FLAGS, "--in-process"]) == 0
-    return Runs(proxy=proxy, train_out=train_out, train_logs=result.logs + result.output, train_faults=train_faults,
-                reference_train=reference_train, gen_out=gen_out, gen_proc=gen_proc, gen_faults=gen_faults,
-                reference_gen=reference_gen,
+    return Runs(proxy=proxy, train_out=train_out, train_logs=result.logs + result.output, train_job_logs=result.logs,
+                train_faults=train_faults, reference_train=reference_train, gen_out=gen_out, gen_proc=gen_proc,
+                gen_faults=gen_faults, reference_gen=reference_gen,
                 ray_log_dir=Path(ray_cluster.info.temp_dir) / "session_latest" / "logs")
 
 
@@ -179,7 +180,14 @@ def test_botocore_retries_as_configured(s3_server, s3_prefix, monkeypatch):
 def test_training_through_flaky_store_matches_fault_free_run(flaky, s3_server):
     assert flaky.train_faults.get("botocore", 0) > 0 and flaky.train_faults.get("pyarrow", 0) > 0, \
         f"faults must hit both s3fs and Ray's checkpoint writer: {flaky.proxy.summary()}"
-    assert "resumed from checkpoint" not in flaky.train_logs, "a retried fault must not restart the workers"
+    # A retried fault must not restart the workers: the training loop started once, fresh. Rank 0 prints its
+    # "training <preset>: ..." line at every start of the worker group (and "resumed from checkpoint" at a restart),
+    # and every start writes its own TensorBoard event file.
+    starts = [line for line in flaky.train_job_logs.splitlines() if "training default: " in line]
+    assert len(starts) == 1, starts or flaky.train_job_logs[-3000:]
+    assert "resumed from checkpoint" not in flaky.train_job_logs
+    events = [k for k in _keys(s3_server, flaky.train_out) if "/tensorboard/flaky/events.out.tfevents." in k]
+    assert len(events) == 1, events
     assert_no_traceback_from_our_code(flaky.train_logs)  # job logs + `ray job submit` output: Ray's too
     lines = [json.loads(x) for x in s3_server.get_bytes(f"{_key(flaky.train_out)}/metrics.jsonl").splitlines()]
     reference = [json.loads(x) for x in (flaky.reference_train / "metrics.jsonl").read_text().splitlines()]

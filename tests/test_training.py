@@ -1,6 +1,8 @@
 """Each preset trains in-process on a tiny corpus; export -> load -> evaluate; exact resume; sampler."""
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,54 @@ def tiny_corpus(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
     path.write_text(textgen.book(4000))
     return str(path)
+
+
+RESUMED = re.compile(r"^resumed from checkpoint: epoch (\d+), step (\d+) of the next epoch, global step (\d+)$", re.M)
+
+
+@dataclass
+class Watched:
+    """What one train_func call did, as seen from outside: its final metrics, the checkpoint it says it resumed
+    from ((epoch, step in epoch, global step) of its "resumed from checkpoint" line; None: a fresh start), the
+    global step each of its compiled calls started from, how many optimizer steps it ran, and what it printed."""
+
+    final: dict
+    resumed_from: tuple[int, int, int] | None
+    call_starts: list[int]
+    steps: int
+    log: str
+
+
+@pytest.fixture
+def watch(monkeypatch, capsys):
+    """`watch(cfg)` runs train_func(cfg) and returns a Watched. Training is deterministic, so a run that restarted
+    from scratch would often end exactly as a resumed one does: a resume test must also ask where it started."""
+    from job import worker
+
+    calls: list[tuple[int, int]] = []
+    real = worker.Trainer._train_steps
+
+    def counted(self, plan, count):
+        calls.append((self.progress.global_step, count))
+        return real(self, plan, count)
+
+    monkeypatch.setattr(worker.Trainer, "_train_steps", counted)
+
+    def run(cfg: TrainConfig) -> Watched:
+        calls.clear()
+        capsys.readouterr()
+        final = train_func(cfg.to_dict())
+        log = capsys.readouterr().out
+        found = RESUMED.findall(log)
+        assert len(found) <= 1, log
+        return Watched(final, tuple(int(x) for x in found[0]) if found else None, [start for start, _ in calls],
+                       sum(count for _, count in calls), log)
+
+    return run
+
+
+def _checkpoint_progress(directory: Path) -> dict:
+    return json.loads((directory / "progress.json").read_text())["progress"]
 
 
 def make_cfg(preset: str, corpus: str, output: Path, **over) -> TrainConfig:
@@ -73,45 +123,58 @@ def _latest_variables(out: Path) -> dict:
     return {k: arrays[k] for k in arrays.files}
 
 
-def test_resume_ends_as_if_uninterrupted(tiny_corpus, tmp_path):
+def test_resume_ends_as_if_uninterrupted(tiny_corpus, tmp_path, watch):
     # No annealing here: it follows the planned end of the run, and a run planned for 1 epoch then extended
     # to 3 is meant to anneal differently from one planned for 3.
-    straight = make_cfg("default", tiny_corpus, tmp_path / "a", epochs=3, lr_anneal=0.0)
-    train_func(straight.to_dict())
-    first = make_cfg("default", tiny_corpus, tmp_path / "b", epochs=1, lr_anneal=0.0)
-    train_func(first.to_dict())
-    resumed = train_func(make_cfg("default", tiny_corpus, tmp_path / "b", epochs=3, lr_anneal=0.0).to_dict())
-    assert resumed["epoch"] == 3
+    straight = watch(make_cfg("default", tiny_corpus, tmp_path / "a", epochs=3, lr_anneal=0.0))
+    first = watch(make_cfg("default", tiny_corpus, tmp_path / "b", epochs=1, lr_anneal=0.0))
+    assert straight.resumed_from is None and first.resumed_from is None
+    one_epoch, three_epochs = first.final["global_step"], straight.final["global_step"]
+    assert straight.steps == three_epochs and first.steps == one_epoch
+    resumed = watch(make_cfg("default", tiny_corpus, tmp_path / "b", epochs=3, lr_anneal=0.0))
+    # It resumed from the end of epoch 1 and trained only epochs 2 and 3.
+    assert resumed.resumed_from == (1, 0, one_epoch), resumed.log[-2000:]
+    assert resumed.call_starts[0] == one_epoch and resumed.steps == three_epochs - one_epoch > 0
+    assert resumed.final["epoch"] == 3 and resumed.final["global_step"] == three_epochs
+    # Bit for bit: every weight and optimizer variable, and every loss of metrics.jsonl.
     a, b = _latest_variables(tmp_path / "a"), _latest_variables(tmp_path / "b")
     assert a.keys() == b.keys()
     for key in a:
-        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
-    lines_a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-    lines_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    lines_a = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lines_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines_b) == 3
     for la, lb in zip(lines_a, lines_b, strict=True):
-        assert json.loads(la)["val_loss"] == pytest.approx(json.loads(lb)["val_loss"], rel=1e-5)
+        assert (la["global_step"], la["train_loss"], la["val_loss"]) == (lb["global_step"], lb["train_loss"],
+                                                                         lb["val_loss"])
 
 
-def test_mid_epoch_resume_continues_every_stream_exactly(tiny_corpus, tmp_path):
+def test_mid_epoch_resume_continues_every_stream_exactly(tiny_corpus, tmp_path, watch):
     """A resume from a step checkpoint inside an epoch carries the stateful preset's LSTM states (saved with
     the checkpoint): the run ends as if it had never stopped. (Zeroed states would change every later loss.)"""
     import shutil
 
     settings = dict(epochs=2, lr_anneal=0.0, checkpoint_every_steps=10, checkpoints_to_keep=100)
-    straight = train_func(make_cfg("default", tiny_corpus, tmp_path / "a", **settings).to_dict())
+    straight = watch(make_cfg("default", tiny_corpus, tmp_path / "a", **settings))
     runs = tmp_path / "a" / "checkpoints" / "run"
-    mid = [d for d in sorted(runs.glob("checkpoint_*"))
-           if 0 < json.loads((d / "progress.json").read_text())["progress"]["step_in_epoch"]]
+    mid = [d for d in sorted(runs.glob("checkpoint_*")) if 0 < _checkpoint_progress(d)["step_in_epoch"]]
     assert mid and "states" in np.load(mid[0] / "variables.npz").files
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     for later in (tmp_path / "b" / "checkpoints" / "run").glob("checkpoint_*"):
         if later.name > mid[0].name:
             shutil.rmtree(later)
-    resumed = train_func(make_cfg("default", tiny_corpus, tmp_path / "b", **settings).to_dict())
-    assert resumed["global_step"] == straight["global_step"]
-    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-5)
-    assert resumed["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-5)
+    at = _checkpoint_progress(mid[0])
+    resumed = watch(make_cfg("default", tiny_corpus, tmp_path / "b", **settings))
+    assert resumed.resumed_from == (at["epoch"], at["step_in_epoch"], at["global_step"]), resumed.log[-2000:]
+    assert resumed.call_starts[0] == at["global_step"]
+    assert resumed.steps == straight.final["global_step"] - at["global_step"] > 0
+    assert resumed.final["global_step"] == straight.final["global_step"]
+    assert resumed.final["train_loss"] == straight.final["train_loss"]  # bit for bit
+    assert resumed.final["val_loss"] == straight.final["val_loss"]
+    a, b = _latest_variables(tmp_path / "a"), _latest_variables(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -171,12 +234,12 @@ def test_mixed_precision_trains_and_exports(precision, tiny_corpus, tmp_path):
     assert export.load(str(tmp_path / "out")).config["precision"] == precision
 
 
-def test_checkpoint_every_steps_and_mid_epoch_resume(tiny_corpus, tmp_path):
+def test_checkpoint_every_steps_and_mid_epoch_resume(tiny_corpus, tmp_path, watch):
     import shutil
 
     out = tmp_path / "out"
     cfg = make_cfg("default", tiny_corpus, out, epochs=1, checkpoint_every_steps=10, checkpoints_to_keep=3)
-    final = train_func(cfg.to_dict())
+    final = watch(cfg).final
     names = sorted(p.name for p in (out / "checkpoints" / "run").glob("checkpoint_*"))
     steps = [int(n.split("_")[1]) for n in names]
     assert len(steps) == 3  # the newest three are kept
@@ -184,8 +247,10 @@ def test_checkpoint_every_steps_and_mid_epoch_resume(tiny_corpus, tmp_path):
     assert [s % 10 for s in steps[:-1]] == [0, 0]  # and the step ones before it
     # Without the epoch-end checkpoint the next run resumes mid-epoch, from the last step checkpoint.
     shutil.rmtree(out / "checkpoints" / "run" / names[-1])
-    resumed = train_func(make_cfg("default", tiny_corpus, out, epochs=1, checkpoint_every_steps=10).to_dict())
-    assert resumed["epoch"] == 1 and resumed["global_step"] == final["global_step"]
+    resumed = watch(make_cfg("default", tiny_corpus, out, epochs=1, checkpoint_every_steps=10))
+    assert resumed.resumed_from == (0, steps[-2], steps[-2]), resumed.log[-2000:]
+    assert resumed.call_starts[0] == steps[-2] and resumed.steps == final["global_step"] - steps[-2]
+    assert resumed.final["epoch"] == 1 and resumed.final["global_step"] == final["global_step"]
 
 
 def test_regularisers_and_learning_rate_decay_on_plateau(tiny_corpus, tmp_path):
@@ -226,14 +291,20 @@ def test_learning_rate_anneals_to_zero_by_the_last_step(tiny_corpus, tmp_path):
     assert export.load(str(tmp_path / "out")).config["lr_anneal"] == 0.5
 
 
-def test_a_larger_budget_continues_a_run_that_stopped_on_its_budget(tiny_corpus, tmp_path):
+def test_a_larger_budget_continues_a_run_that_stopped_on_its_budget(tiny_corpus, tmp_path, watch):
     out = tmp_path / "out"
-    first = train_func(make_cfg("default", tiny_corpus, out, epochs=3, max_minutes=1e-6).to_dict())
-    assert first["stopped_early"] and first["epoch"] == 1
-    again = train_func(make_cfg("default", tiny_corpus, out, epochs=3, max_minutes=1e-6).to_dict())
-    assert again["global_step"] == first["global_step"]  # budget spent: nothing more is trained
-    more = train_func(make_cfg("default", tiny_corpus, out, epochs=3, max_minutes=60).to_dict())
-    assert more["epoch"] == 3 and not more["stopped_early"]
+    first = watch(make_cfg("default", tiny_corpus, out, epochs=3, max_minutes=1e-6))
+    assert first.final["stopped_early"] and first.final["epoch"] == 1 and first.resumed_from is None
+    stopped = first.final["global_step"]  # inside epoch 1: the checkpoint holds epoch 0, step `stopped` of epoch 1
+    assert first.steps == stopped > 0
+    again = watch(make_cfg("default", tiny_corpus, out, epochs=3, max_minutes=1e-6))
+    assert again.resumed_from == (0, stopped, stopped), again.log[-2000:]
+    assert again.steps == 0 and "time budget already spent" in again.log  # budget spent: nothing more is trained
+    assert again.final["global_step"] == stopped
+    more = watch(make_cfg("default", tiny_corpus, out, epochs=3, max_minutes=60))
+    assert more.resumed_from == (0, stopped, stopped), more.log[-2000:]
+    assert more.call_starts[0] == stopped and more.steps == more.final["global_step"] - stopped > 0
+    assert more.final["epoch"] == 3 and not more.final["stopped_early"]
 
 
 def test_step_evaluations_progress_lines_and_capped_heldout(tiny_corpus, tmp_path, capsys):
