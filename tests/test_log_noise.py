@@ -82,6 +82,7 @@ def _assert_quiet(proc: subprocess.CompletedProcess, expect: str) -> None:
     assert len(noise) <= LIMIT, f"{len(noise)} lines that are not ours:\n" + "\n".join(noise)
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(600)
 def test_short_local_training_and_generation_print_our_lines_and_little_else(tmp_path, ray_tmp):
     corpus = tmp_path / "corpus.txt"
@@ -133,7 +134,8 @@ PROGRESS = re.compile(r"^generated [\d,]+/[\d,]+ samples \(\d+%\)  [\d,]+ chars/
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("flags", [[], ["--num-workers", "2"]], ids=["default", "local-ray"])
+@pytest.mark.parametrize("flags", [[], pytest.param(["--num-workers", "2"], marks=pytest.mark.e2e)],
+                         ids=["default", "local-ray"])
 def test_a_generation_ends_with_its_summary_line(tmp_path, ray_tmp, flags):
     """Default flags, 2,000 x 500 (no cluster given: one process does the work): progress lines and the summary,
     nothing else. With --num-workers a local Ray runs the actors; they are ended deliberately, so nothing (no

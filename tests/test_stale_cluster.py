@@ -61,6 +61,7 @@ def _assert_clean_run(proc: subprocess.CompletedProcess, out: str, ray_tmp: str)
     assert not left, [p.info["cmdline"] for p in left]
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(480)
 def test_local_run_ignores_a_stale_address_of_a_dead_head(tmp_path, ray_tmp):
     proc, out, ray_tmp = _run_local_training(tmp_path, ray_tmp, "127.0.0.1:1")  # nothing listens on port 1
