@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,10 +222,10 @@ def decode_utf8(raw: Iterable[bytes], source: str) -> Iterator[str]:
             yield text
 
 
-def normalise_stream(pieces: Iterable[str]) -> Iterator[str]:
-    """corpus.normalise on a stream: a leading BOM dropped, CRLF and lone CR -> LF. A CR at the end of a piece
-    waits for the next one, which may start with the LF of the same CRLF pair."""
-    first = True
+def normalise_stream(pieces: Iterable[str], file_start: bool = True) -> Iterator[str]:
+    """corpus.normalise on a stream: a leading BOM dropped (at a file's start), CRLF and lone CR -> LF. A CR at
+    the end of a piece waits for the next one, which may start with the LF of the same CRLF pair."""
+    first = file_start
     carry = ""
     for piece in pieces:
         if first and piece:
@@ -299,7 +300,8 @@ def line_chunks(pieces: Iterable[str], chunk_chars: int) -> Iterator[str]:
         yield "".join(buf)
 
 
-def strip_gutenberg_stream(chunks: Iterable[str], head_chars: int) -> Iterator[str]:
+def strip_gutenberg_stream(chunks: Iterable[str], head_chars: int,
+                           on_end: Callable[[], None] | None = None) -> Iterator[str]:
     """corpus.strip_gutenberg on safe-cut chunks: the START marker is looked for in the first chunks totalling
     at least `head_chars` (a START further in is not seen), then text flows until the first END marker. The
     rest of the file is still consumed, so it is decoded (a bad byte after the footer is still an error, as in
@@ -314,6 +316,8 @@ def strip_gutenberg_stream(chunks: Iterable[str], head_chars: int) -> Iterator[s
         end = find_end(chunk)
         if end:
             yield chunk[: end.start()]
+            if on_end is not None:
+                on_end()
             for _ in chunks:
                 pass
             return
@@ -378,6 +382,143 @@ def clean_stream(raw: Iterable[bytes], source: str, lowercase: bool = True, chun
     return (p.lower() for p in pieces) if lowercase else pieces
 
 
+# ---------------------------------------------------------------------------- pass 1, one file in parts
+# A file larger than SPLIT_BYTES is cleaned in byte ranges side by side. Each range ends just after a line that
+# no END marker can run through (see _safe_line), so every search of the pieces finds what a search of the whole
+# finds; the first range holds the file's start (BOM, binary probe, Gutenberg START within the head), a later
+# range cleans from its first byte on, and the parent joins them: ranges after the first END marker dropped, the
+# ends trimmed, one final newline, the counts corrected. The file's sha256 is read beside them. A range that
+# meets a bad byte, or a first range shorter than the head, sends the file through the serial path instead, so
+# verdicts and their messages are the serial ones.
+
+SPLIT_BYTES = 64 << 20
+_CUT_WINDOW = 1 << 20  # bytes searched after a target offset for a safe line end (none: no cut there)
+
+
+def split_points(read_at: Callable[[int, int], bytes], size: int, part: int) -> list[int]:
+    """Byte offsets (0 first, `size` last) cutting a file into ranges of about `part` bytes, each cut just after
+    the newline ending a safe line. `read_at(offset, n)` reads raw bytes."""
+    cuts = [0]
+    for target in range(part, size, part):
+        if target <= cuts[-1]:
+            continue
+        back = min(target, _CUT_WINDOW)
+        window = read_at(target - back, back + _CUT_WINDOW)
+        at = window.find(b"\n", back)
+        while 0 <= at < len(window) - 1:
+            line_start = window.rfind(b"\n", 0, at) + 1
+            if (line_start > 0 or target == back) and _raw_line_safe(window[line_start:at]):
+                cuts.append(target - back + at + 1)
+                break
+            at = window.find(b"\n", at + 1)
+    return [*cuts, size] if cuts[-1] < size else cuts
+
+
+def _raw_line_safe(raw: bytes) -> bool:
+    """_safe_line of the last line the raw bytes before a newline make once CR/CRLF are normalised."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return "\x00" not in text and _safe_line(text.removesuffix("\r").rsplit("\r", 1)[-1])
+
+
+@dataclass
+class _Part:
+    path: str
+    nbytes: int
+    chars: int
+    counts: np.ndarray | None
+    blank: bool  # the raw bytes are whitespace only
+    has_text: bool
+    ended: bool  # an END marker was found in it (the text stops there)
+    bad: bool  # a bad byte, or the head did not fit: clean the file serially instead
+
+
+def _clean_part(source: Source, start: int, end: int, path: str, *, lowercase: bool, chunk_chars: int,
+                head_chars: int, progress: Callable[[int], None] | None = None) -> _Part:
+    """Clean bytes [start, end) of one file into `path` as a range of the split path (see above)."""
+    part = _Part(path, 0, 0, None, True, False, False, False)
+    with open(path, "wb") as out, storage.open_read(source.url) as fh:
+        fh.seek(start)
+        tap = _RawTap(prefetched(_read_range(fh, end - start, chunk_chars)), progress)
+        try:
+            if start == 0:
+                head = _Counted(line_chunks(normalise_stream(decode_utf8(tap, source.url)), chunk_chars))
+                pieces = strip_gutenberg_stream(head, head_chars, on_end=lambda: setattr(part, "ended", True))
+            else:
+                head = None
+                pieces = _until_end(line_chunks(normalise_stream(_decode_range(tap), file_start=False), chunk_chars),
+                                    part)
+            for piece in pieces:
+                piece = piece.lower() if lowercase else piece
+                data = piece.encode("utf-8")
+                out.write(data)
+                part.nbytes += len(data)
+                part.chars += len(piece)
+                part.has_text = part.has_text or bool(piece.strip())
+                part.counts = _add_counts(part.counts, np.bincount(corpus_lib.code_points(piece)))
+        except BadFileError:
+            part.bad = True
+            return part
+        if head is not None and not head.head_before_last(head_chars):
+            part.bad = True  # the head took the range's last chunk: the serial head may be longer
+    part.blank = tap.blank
+    return part
+
+
+class _Counted:
+    """The chunks of a first range, their lengths noted."""
+
+    def __init__(self, chunks: Iterator[str]):
+        self.chunks, self.lengths = chunks, []
+
+    def __iter__(self) -> Iterator[str]:
+        for chunk in self.chunks:
+            self.lengths.append(len(chunk))
+            yield chunk
+
+    def head_before_last(self, head_chars: int) -> bool:
+        """Whether the head (the first chunks totalling head_chars) ends before the range's last chunk, which
+        line_chunks cut only because the range ended: then the serial path's head is the same."""
+        total = 0
+        for i, n in enumerate(self.lengths):
+            total += n
+            if total >= head_chars:
+                return i < len(self.lengths) - 1
+        return False
+
+
+def _until_end(chunks: Iterable[str], part: _Part) -> Iterator[str]:
+    """The text of a later range up to its first END marker (the rest still read: it is decoded and counted as
+    raw bytes, as the serial path reads a file to its end)."""
+    chunks = iter(chunks)
+    for chunk in chunks:
+        found = find_end(chunk)
+        if found:
+            part.ended = True
+            yield chunk[: found.start()]
+            for _ in chunks:
+                pass
+            return
+        yield chunk
+
+
+def _decode_range(raw: Iterable[bytes]) -> Iterator[str]:
+    """Strict UTF-8 of a range that starts at a line start; a NUL or bad byte is a BadFileError (whose words do
+    not matter: the file is then cleaned serially, which words the verdict)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    for chunk in itertools.chain(raw, [None]):
+        if chunk and NUL in chunk:
+            raise BadFileError("NUL")
+        try:
+            text = decoder.decode(chunk or b"", final=chunk is None)
+        except UnicodeDecodeError:
+            raise BadFileError("not UTF-8") from None
+        if text:
+            yield text
+
+
 # ----------------------------------------------------------------------------------------- pass 1
 
 
@@ -417,8 +558,7 @@ def _add_counts(total: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
 @dataclass
 class _Cleaned:
     source: Source
-    path: str  # the temporary file holding this file's cleaned text (one for all files, or one per file)
-    offset: int  # byte offset of this file's cleaned text in `path`
+    segments: list[tuple[str, int, int]]  # (temporary file, byte offset, bytes): where its cleaned text is, in order
     nbytes: int
     chars: int
     raw_size: int
@@ -450,7 +590,7 @@ def _clean_file(source: Source, out, *, lowercase: bool, chunk_chars: int, head_
     if not has_text:
         raise BadFileError(f"corpus file {source.url} has no text once Project Gutenberg boilerplate is removed "
                            "(or pass --skip-bad-files to leave it out)")
-    return _Cleaned(source, out.name, offset, nbytes, chars, tap.size, tap.sha.hexdigest(), counts)
+    return _Cleaned(source, [(out.name, offset, nbytes)], nbytes, chars, tap.size, tap.sha.hexdigest(), counts)
 
 
 def _clean_all(sources: list[Source], folder: str, *, lowercase: bool, skip_bad_files: bool, chunk_chars: int,
@@ -480,39 +620,139 @@ def _clean_all(sources: list[Source], folder: str, *, lowercase: bool, skip_bad_
 def _cleaned_files(sources: list[Source], folder: str, *, workers: int, progress: Progress,
                    **clean: Any) -> Iterator[tuple[Source, _Cleaned | BadFileError]]:
     """(source, its _Cleaned or the BadFileError that refused it), in listing order."""
-    if workers <= 1 or len(sources) <= 1:
+    if workers <= 1:
         with open(os.path.join(folder, "cleaned.txt"), "wb") as out:
             for source in sources:
-                start = out.tell()
-                try:
-                    yield source, _clean_file(source, out, progress=progress.add, **clean)
-                except BadFileError as exc:
-                    out.seek(start)  # nothing of a bad file stays behind
-                    out.truncate()
-                    yield source, exc
+                yield source, _clean_serially(source, out, progress.add, clean)
                 progress.maybe_log()
         return
+    plans = [_plan(source, i, folder) for i, source in enumerate(sources)]
+    if len(plans) == 1 and len(plans[0]) == 1:  # one small file: nothing to do side by side
+        yield from _cleaned_files(sources, folder, workers=1, progress=progress, **clean)
+        return
+    jobs = [(source, *job, clean) for source, plan in zip(sources, plans, strict=True) for job in plan]
     context = multiprocessing.get_context("spawn")  # no fork: the driver may already hold Ray's and s3fs's threads
     read = context.Value("q", 0)
-    pool = context.Pool(min(workers, len(sources)), initializer=_init_child, initargs=(read,))
+    pool = context.Pool(min(workers, len(jobs)), initializer=_init_child, initargs=(read,))
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="charlstm-hash")  # split files' sha256, beside the parts
     try:
-        jobs = [(source, os.path.join(folder, f"cleaned-{i:06d}.txt"), clean) for i, source in enumerate(sources)]
+        digests = [hashing.submit(_sha256_of, s.url) if len(plan) > 1 else None for s, plan in zip(sources, plans,
+                                                                                                  strict=True)]
         results = pool.imap(_clean_in_child, jobs)  # in listing order, computed `workers` at a time
-        for source, _path, _ in jobs:
-            while True:
-                try:
-                    outcome = results.next(timeout=progress.wait())
-                    break
-                except multiprocessing.TimeoutError:
-                    progress.set(read.value)
-                    progress.maybe_log()
-            progress.set(read.value)
-            progress.maybe_log()
-            yield source, outcome
+        for index, (source, plan, digest) in enumerate(zip(sources, plans, digests, strict=True)):
+            outcomes = []
+            for _ in plan:
+                while True:
+                    try:
+                        outcomes.append(results.next(timeout=progress.wait()))
+                        break
+                    except multiprocessing.TimeoutError:
+                        progress.set(read.value)
+                        progress.maybe_log()
+                progress.set(read.value)
+                progress.maybe_log()
+            if digest is None:
+                yield source, outcomes[0]
+                continue
+            joined = _join_parts(source, outcomes, digest.result(), folder)
+            if joined is None:  # a bad byte, a blank file or a head longer than the first part: serially
+                with open(os.path.join(folder, f"serial-{index:06d}.txt"), "wb") as out:
+                    joined = _clean_serially(source, out, None, clean)
+            yield source, joined
         pool.close()
     finally:
+        hashing.shutdown(wait=True, cancel_futures=True)
         pool.terminate()  # on an error or a stop: no child outlives the preparation
         pool.join()
+
+
+def _clean_serially(source: Source, out, progress: Callable[[int], None] | None,
+                    clean: dict) -> _Cleaned | BadFileError:
+    start = out.tell()
+    try:
+        return _clean_file(source, out, progress=progress, **clean)
+    except BadFileError as exc:
+        out.seek(start)  # nothing of a bad file stays behind
+        out.truncate()
+        return exc
+
+
+def _plan(source: Source, index: int, folder: str) -> list[tuple[int, int, str]]:
+    """The child jobs for one file: (start, end, temporary file) per part; (0, -1, file) for a whole file."""
+    if not source.size or source.size <= SPLIT_BYTES:
+        return [(0, -1, os.path.join(folder, f"cleaned-{index:06d}.txt"))]
+    with storage.open_read(source.url) as fh:
+
+        def read_at(offset: int, n: int) -> bytes:
+            fh.seek(offset)
+            return fh.read(n)
+
+        cuts = split_points(read_at, source.size, SPLIT_BYTES)
+    return [(a, b, os.path.join(folder, f"cleaned-{index:06d}-{j:05d}.txt"))
+            for j, (a, b) in enumerate(itertools.pairwise(cuts))]
+
+
+def _sha256_of(url: str) -> str:
+    h = hashlib.sha256()
+    with storage.open_read(url) as fh:
+        for chunk in read_chunks(fh, 8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _join_parts(source: Source, parts: list[_Part], sha256: str, folder: str) -> _Cleaned | None:
+    """One file's parts as the serial path would have cleaned it (None: let the serial path decide)."""
+    if any(p.bad for p in parts) or all(p.blank for p in parts):
+        return None
+    kept = parts[: next((i + 1 for i, p in enumerate(parts) if p.ended), len(parts))]
+    if not any(p.has_text for p in kept):
+        return None
+    segments = [[p.path, 0, p.nbytes] for p in kept if p.nbytes]
+    counts: np.ndarray | None = None
+    for p in kept:
+        if p.counts is not None:
+            counts = _add_counts(counts, p.counts)
+    stripped = b""
+    while segments:  # leading newlines and spaces, over as many parts as they run
+        lead = _space_run(*segments[0], from_end=False)
+        stripped += lead
+        segments[0][1] += len(lead)
+        segments[0][2] -= len(lead)
+        if segments[0][2]:
+            break
+        segments.pop(0)
+    while segments:  # and trailing ones
+        tail = _space_run(*segments[-1], from_end=True)
+        stripped += tail
+        segments[-1][2] -= len(tail)
+        if segments[-1][2]:
+            break
+        segments.pop()
+    newline = os.path.join(folder, "newline.txt")
+    if not os.path.exists(newline):
+        with open(newline, "wb") as fh:
+            fh.write(b"\n")
+    counts = _add_counts(counts, np.zeros(ord(" ") + 1, np.int64))
+    counts[ord("\n")] += 1 - stripped.count(b"\n")
+    counts[ord(" ")] -= stripped.count(b" ")
+    nbytes = sum(n for _, _, n in segments) + 1
+    return _Cleaned(source, [*(tuple(seg) for seg in segments), (newline, 0, 1)], nbytes,
+                    sum(p.chars for p in kept) - len(stripped) + 1, source.size, sha256, counts)
+
+
+def _space_run(path: str, offset: int, nbytes: int, from_end: bool, block: int = 1 << 20) -> bytes:
+    """The run of b"\n" and b" " at the start (or end) of bytes [offset, offset + nbytes) of `path`."""
+    run = b""
+    with open(path, "rb") as fh:
+        while len(run) < nbytes:
+            n = min(block, nbytes - len(run))
+            fh.seek(offset + nbytes - len(run) - n if from_end else offset + len(run))
+            data = fh.read(n)
+            kept = data.rstrip(_SPACE.encode()) if from_end else data.lstrip(_SPACE.encode())
+            run = (data[len(kept):] + run) if from_end else (run + data[: len(data) - len(kept)])
+            if kept:
+                break
+    return run
 
 
 _CHILD_READ: Any = None  # a child's shared counter of raw bytes read, for the parent's progress lines
@@ -528,8 +768,10 @@ def _count_read(n: int) -> None:
         _CHILD_READ.value += n
 
 
-def _clean_in_child(job: tuple[Source, str, dict]) -> _Cleaned | BadFileError:
-    source, path, clean = job
+def _clean_in_child(job: tuple[Source, int, int, str, dict]) -> _Cleaned | _Part | BadFileError:
+    source, start, end, path, clean = job
+    if end >= 0:
+        return _clean_part(source, start, end, path, progress=_count_read, **clean)
     with open(path, "wb") as out:
         try:
             return _clean_file(source, out, progress=_count_read, **clean)
@@ -594,12 +836,13 @@ def usable_cores() -> int:
 
 
 def auto_workers(sources: list[Source]) -> int:
-    """Child processes for pass 1: one per usable core (at most MAX_WORKERS) when there are several files and
-    enough bytes to repay a child's start (about a second each); else the serial path."""
+    """Child processes for pass 1: one per usable core (at most MAX_WORKERS) when there are enough bytes to
+    repay a child's start (about a second each) and several files or parts of one; else the serial path."""
     known = sum(s.size or 0 for s in sources)
-    if len(sources) < 2 or known < PARALLEL_MIN_BYTES:
+    jobs = sum(max(1, -(-(s.size or 0) // SPLIT_BYTES)) for s in sources)
+    if jobs < 2 or known < PARALLEL_MIN_BYTES:
         return 1
-    return max(1, min(usable_cores(), MAX_WORKERS, len(sources)))
+    return max(1, min(usable_cores(), MAX_WORKERS, jobs))
 
 
 def prefetched(chunks: Iterator[bytes], depth: int = 2) -> Iterator[bytes]:
@@ -678,18 +921,19 @@ def dtype_for(vocab_size: int) -> str:
 
 def _file_ids(item: _Cleaned, table: np.ndarray, dtype: str, chunk_bytes: int,
               progress: Progress) -> Iterator[np.ndarray]:
-    """The ids of one file's cleaned text, read back from its temporary file in chunks."""
-    with open(item.path, "rb") as src:
-        src.seek(item.offset)
-        left = item.nbytes
-        decoder = codecs.getincrementaldecoder("utf-8")("strict")
-        for data in prefetched(_read_range(src, item.nbytes, chunk_bytes)):
-            left -= len(data)
-            progress.add(len(data))
-            progress.maybe_log()
-            text = decoder.decode(data, final=not left)
-            if text:
-                yield table[corpus_lib.code_points(text)].astype(dtype)
+    """The ids of one file's cleaned text, read back from its temporary file(s) in chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    left = item.nbytes
+    for path, offset, nbytes in item.segments:
+        with open(path, "rb") as src:
+            src.seek(offset)
+            for data in prefetched(_read_range(src, nbytes, chunk_bytes)):
+                left -= len(data)
+                progress.add(len(data))
+                progress.maybe_log()
+                text = decoder.decode(data, final=not left)
+                if text:
+                    yield table[corpus_lib.code_points(text)].astype(dtype)
 
 
 def _read_range(fh, nbytes: int, size: int) -> Iterator[bytes]:

@@ -55,6 +55,7 @@ TRANSFER_PART = 16 << 20
 TRANSFER_CONCURRENCY = 6
 MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 FILES_AT_ONCE = 4  # files a many-file upload or download moves at once (each with its parts in flight)
+UPLOAD_IN_FLIGHT = 64 << 20  # bytes of parts a streamed Upload has in flight (it runs beside other work)
 
 # Everything that changes which S3 (and how) a filesystem instance talks to: the cache key.
 _ENV_KEYS = (
@@ -530,9 +531,9 @@ def part_size(nbytes: int) -> int:
 
 
 class Upload:
-    """An S3 object written as a stream and shown to readers only by `commit()`: its parts go up
-    TRANSFER_CONCURRENCY at a time from threads while the writer goes on (a write blocks when that many are in
-    flight, so memory stays at about (TRANSFER_CONCURRENCY + 1) parts); `commit()` completes the multipart
+    """An S3 object written as a stream and shown to readers only by `commit()`: its parts go up from threads
+    while the writer goes on, UPLOAD_IN_FLIGHT bytes of them at a time (a write blocks until one is done, so
+    memory stays at about that plus one part); `commit()` completes the multipart
     upload (one PUT for an object under one part), `abort()` discards it. `expected_bytes`, an upper bound on
     the size, only raises the part size where S3's part limit needs it.
 
@@ -548,8 +549,9 @@ class Upload:
         self.buffer = bytearray()
         self.upload_id: str | None = None
         self.parts: list[tuple[int, Future]] = []
-        self.slots = threading.Semaphore(TRANSFER_CONCURRENCY)
-        self.pool = ThreadPoolExecutor(TRANSFER_CONCURRENCY, thread_name_prefix="charlstm-upload")
+        at_once = max(1, min(TRANSFER_CONCURRENCY, UPLOAD_IN_FLIGHT // self.part))
+        self.slots = threading.Semaphore(at_once)
+        self.pool = ThreadPoolExecutor(at_once, thread_name_prefix="charlstm-upload")
         self.closed = False
 
     def write(self, data: bytes) -> None:
@@ -845,9 +847,7 @@ def open_read(url: str) -> Iterator:
     while opening or while reading inside the `with` block, become one-line UserErrors naming `url`."""
     with translate_errors(url):
         fs, path = _fs(url)
-        # No read cache for S3: callers read in large chunks (and prefetch the next), so each read is one ranged
-        # GET; s3fs's readahead would hold a block more than each read besides.
-        with fs.open(path, "rb", **({"cache_type": "none"} if is_s3(url) else {})) as fh:
+        with fs.open(path, "rb") as fh:  # S3: readahead of TRANSFER_PART beyond each read, one GET for both
             yield fh
 
 

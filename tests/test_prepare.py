@@ -15,6 +15,7 @@ import pytest
 from job import corpus, prepare, storage
 from job.corpus import Vocab
 from job.errors import UserError, run_cli
+from tests import textgen
 
 # ------------------------------------------------------------------------------------- synthetic text
 
@@ -357,6 +358,65 @@ def test_parallel_preparation_refuses_the_first_bad_file_as_the_serial_one_does(
     assert refusals[0] == refusals[1] and "1b.txt" in refusals[0]
 
 
+def _one_big_file(seed: int, end_marker: bool, blank_start: bool) -> str:
+    """About 400 KB: invented prose with "***" and blank lines, Greek capitals (final sigma), CR, CRLF and LF
+    line ends; a Gutenberg START (or a long run of blank lines) first; an END marker two thirds in, or none."""
+    rng = random.Random(seed)
+    lines = textgen.story(400_000, seed).split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        roll = rng.random()
+        if roll < 0.05:
+            line = rng.choice(["***", "   ", "ΣΟΦΟΣ ΟΔΟΣ", "  *** ", "\u3000"])
+        elif roll < 0.1:
+            line += rng.choice([" ΟΔΟΣ", "Σ", " \t"])
+        out.append(line + rng.choice(["\n", "\n", "\r\n", "\r"]))
+        if end_marker and i == len(lines) * 2 // 3:
+            out.append("***\r\n\r\nEND OF THE PROJECT GUTENBERG EBOOK X\r\nafter the end, still read\n")
+    start = "The Project Gutenberg eBook\n*** START OF THE PROJECT GUTENBERG EBOOK Y ***\n"
+    head = "\n  \n" * 1000 if blank_start else start
+    return head + "".join(out) + " \n\n  "
+
+
+@pytest.mark.parametrize("end_marker,blank_start", [(True, False), (False, True)])
+def test_one_large_file_in_parts_is_byte_for_byte_the_serial_one(tmp_path, monkeypatch, end_marker, blank_start):
+    """A file larger than SPLIT_BYTES is cleaned in ranges cut at safe line ends, side by side: the START marker
+    in the head, an END marker in a middle range (later ranges dropped), leading blank lines, trailing spaces,
+    CR/CRLF, final sigmas: the dataset is the serial one byte for byte."""
+    text = _one_big_file(3, end_marker, blank_start)
+    write(tmp_path / "big.txt", text)
+    monkeypatch.setattr(prepare, "SPLIT_BYTES", 16_000)  # about 20 parts
+    joined = []
+    real_join = prepare._join_parts
+    monkeypatch.setattr(prepare, "_join_parts", lambda *a: joined.append(real_join(*a)) or joined[-1])
+    for workers in (1, 3):
+        run(tmp_path / "big.txt", tmp_path / f"ds{workers}", workers=workers, head_chars=2_000)
+    assert len(joined) == 1 and joined[0] is not None and len(joined[0].segments) > 10  # the parts were used
+    assert _dataset_bytes(tmp_path / "ds3") == _dataset_bytes(tmp_path / "ds1")
+
+
+def test_one_large_file_with_a_bad_byte_gets_the_serial_verdict(tmp_path, monkeypatch):
+    text = _one_big_file(4, True, False).encode()
+    bad = text[: len(text) // 2] + b"\xff" + text[len(text) // 2:]  # in a middle part
+    write(tmp_path / "c" / "big.txt", bad)
+    monkeypatch.setattr(prepare, "SPLIT_BYTES", 16_000)
+    verdicts = []
+    for workers in (1, 2):
+        with pytest.raises(UserError) as err:
+            run(tmp_path / "c", tmp_path / "ds", workers=workers, head_chars=2_000)
+        verdicts.append(str(err.value))
+    assert verdicts[0] == verdicts[1] and f"at offset {len(text) // 2}" in verdicts[0]
+
+
+def test_split_points_fall_after_safe_line_ends():
+    data = (b"line one\n***\n\n   \nEND\r\nx\r\ny\ry\n" * 400) + b"tail"
+    cuts = prepare.split_points(lambda at, n: data[at: at + n], len(data), 100)
+    assert cuts[0] == 0 and cuts[-1] == len(data) and cuts == sorted(set(cuts)) and len(cuts) > 50
+    for cut in cuts[1:-1]:
+        line = data[: cut - 1].rsplit(b"\n", 1)[-1]
+        assert data[cut - 1: cut] == b"\n" and line.strip() not in (b"", b"***") and not line.endswith(b"\r\r")
+
+
 def test_the_cli_prepares_in_child_processes(tmp_path):
     """`python -m job.prepare --workers 2`: the children find the module's functions by its name (not
     __main__'s), and the dataset is the one prepared in one process."""
@@ -381,6 +441,7 @@ def test_automatic_workers_only_for_several_large_enough_files(monkeypatch):
     assert prepare.auto_workers(files) == 6
     assert prepare.auto_workers(files[:1]) == 1
     assert prepare.auto_workers([prepare.Source("f", "f", 10, None)] * 6) == 1
+    assert prepare.auto_workers([prepare.Source("f", "f", 5 * prepare.SPLIT_BYTES, None)]) == 5  # one file in parts
     monkeypatch.setattr(prepare, "usable_cores", lambda: 2)
     assert prepare.auto_workers(files) == 2
 
