@@ -168,12 +168,14 @@ def test_s3_scale_table_and_goals():
 
     row = lambda sec, mb: {"returncode": 0, "wall_sec": sec, "peak_rss_mb": mb, "tail": []}  # noqa: E731
     result = {"size_mb": 1000, "files": 20, "goals": s3_bench.GOALS, "local_to_local": row(30.0, 400.0),
+              "one_file": {**row(20.0, 380.0), "prepared_sec": 19.5},
               "s3_to_s3": row(36.0, 600.0), "download": row(12.0, 250.0)}
     result.update(s3_bench.assess(result))
     assert result["rss_over_local_mb"] == 200.0 and result["time_ratio"] == 1.2 and result["s3_ok"] is True
     assert result["per_gb"]["s3_to_s3"]["sec"] == 36.0 and result["download_ok"] is True
+    assert "| local -> local, as one file | 20.0 s | 19.5 s | 380 MB | 20.0 s |" in s3_bench.markdown(result)
     table = s3_bench.markdown(result)
-    assert "| S3 -> S3 | 36.0 s | 600 MB | 36.0 s |" in table and "**yes**" in table
+    assert "| S3 -> S3 | 36.0 s |  | 600 MB | 36.0 s |" in table and "**yes**" in table
     slow = {**result, "s3_to_s3": row(45.0, 700.0)}
     slow.update(s3_bench.assess(slow))
     assert slow["s3_ok"] is False and "**NO**" in s3_bench.markdown(slow)
