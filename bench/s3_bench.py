@@ -40,11 +40,15 @@ GOALS = {"rss_over_local_mb": 256.0, "time_ratio": 1.3}
 _SUMMARY = re.compile(r"^dataset .*, ([\d.]+) s$")  # job.prepare's last line: "..., vocabulary 71 (uint8), 7.4 s"
 
 
-def run_tree(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
-    """Run `cmd`: exit code, wall seconds, peak RSS (MB) of it and its children together, its last lines."""
+def run_tree(cmd: list[str], env: dict[str, str], timeout: float, server_pid: int | None = None) -> dict[str, Any]:
+    """Run `cmd`: exit code, wall seconds, peak RSS (MB) and CPU seconds of it and its children together, the
+    S3 server's CPU seconds meanwhile, its last lines."""
+    server = psutil.Process(server_pid) if server_pid else None
+    server_cpu = sum(server.cpu_times()[:2]) if server else 0.0
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0]
+    cpu: dict[int, float] = {}  # per process, the last CPU seconds seen (sampled: each loses under 50 ms)
 
     def watch() -> None:
         root = psutil.Process(proc.pid)
@@ -55,6 +59,7 @@ def run_tree(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, A
                 for p in tree:
                     try:
                         total += p.memory_info().rss
+                        cpu[p.pid] = sum(p.cpu_times()[:2])
                     except psutil.Error:
                         pass
                 peak[0] = max(peak[0], total)
@@ -73,7 +78,8 @@ def run_tree(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, A
     lines = out.strip().splitlines()
     prepared = next((float(m.group(1)) for line in lines[::-1] if (m := _SUMMARY.match(line))), None)
     return {"returncode": proc.returncode, "wall_sec": time.monotonic() - t0, "peak_rss_mb": peak[0] / 1e6,
-            "prepared_sec": prepared, "tail": lines[-3:]}
+            "prepared_sec": prepared, "cpu_sec": sum(cpu.values()),
+            "server_cpu_sec": sum(server.cpu_times()[:2]) - server_cpu if server else None, "tail": lines[-3:]}
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
@@ -114,7 +120,7 @@ def run(text: str, workdir: Path, size_mb: int) -> dict[str, Any]:
                          str(workdir / "node-cache")],
         }
         for name, cmd in rows.items():
-            row = run_tree(cmd, _env(aws), timeout=3600)
+            row = run_tree(cmd, _env(aws), timeout=3600, server_pid=s3.proc.pid)
             result[name] = row
             print(f"   {name}: exit {row['returncode']}, {row['wall_sec']:.1f} s (before publishing: "
                   f"{row['prepared_sec']} s), peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
@@ -151,8 +157,8 @@ def markdown(result: dict[str, Any]) -> str:
 
     lines = [f"S3 scale: a {result['size_mb']:,} MB corpus in {result['files']} file(s), `python -m job.prepare` "
              "with default flags; the S3 server (moto) shares this machine's cores.", "",
-             "| path | whole process | before publishing | peak RSS (process tree) | whole process per GB |",
-             "|---|---:|---:|---:|---:|"]
+             "| path | whole process | before publishing | peak RSS (process tree) | CPU (process tree) | "
+             "S3 server CPU | whole process per GB |", "|---|---:|---:|---:|---:|---:|---:|"]
     labels = {"local_to_local": "local -> local", "one_file": "local -> local, as one file", "s3_to_s3": "S3 -> S3",
               "download": "node download (open_local)"}
     for key, label in labels.items():
@@ -160,12 +166,14 @@ def markdown(result: dict[str, Any]) -> str:
         if row is None:
             continue
         if row["returncode"] != 0:
-            lines.append(f"| {label} | exit {row['returncode']}: {' | '.join(row['tail'])[:120]} | | | |")
+            lines.append(f"| {label} | exit {row['returncode']}: {' | '.join(row['tail'])[:120]} | | | | | |")
             continue
         per_gb = row["wall_sec"] / (result["size_mb"] / 1000)
         prepared = row.get("prepared_sec")
+        server = row.get("server_cpu_sec")
         lines.append(f"| {label} | {row['wall_sec']:.1f} s | {'' if prepared is None else f'{prepared:.1f} s'} | "
-                     f"{row['peak_rss_mb']:,.0f} MB | {per_gb:.1f} s |")
+                     f"{row['peak_rss_mb']:,.0f} MB | {row.get('cpu_sec', 0):.1f} s | "
+                     f"{'' if not server else f'{server:.1f} s'} | {per_gb:.1f} s |")
     goals = result["goals"]
     if "time_ratio" in result:
         lines += ["", f"S3 -> S3 vs local -> local: {result['rss_over_local_mb']:+,.0f} MB RSS (goal <= "

@@ -173,9 +173,9 @@ def test_s3_scale_table_and_goals():
     result.update(s3_bench.assess(result))
     assert result["rss_over_local_mb"] == 200.0 and result["time_ratio"] == 1.2 and result["s3_ok"] is True
     assert result["per_gb"]["s3_to_s3"]["sec"] == 36.0 and result["download_ok"] is True
-    assert "| local -> local, as one file | 20.0 s | 19.5 s | 380 MB | 20.0 s |" in s3_bench.markdown(result)
+    assert "| local -> local, as one file | 20.0 s | 19.5 s | 380 MB | 0.0 s |  | 20.0 s |" in s3_bench.markdown(result)
     table = s3_bench.markdown(result)
-    assert "| S3 -> S3 | 36.0 s |  | 600 MB | 36.0 s |" in table and "**yes**" in table
+    assert "| S3 -> S3 | 36.0 s |  | 600 MB | 0.0 s |  | 36.0 s |" in table and "**yes**" in table
     slow = {**result, "s3_to_s3": row(45.0, 700.0)}
     slow.update(s3_bench.assess(slow))
     assert slow["s3_ok"] is False and "**NO**" in s3_bench.markdown(slow)
