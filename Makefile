@@ -1,6 +1,7 @@
 # charlstm — every command a user or CI runs. `make demo` and `make test` work on a fresh clone.
 SHELL := /bin/bash
-PYTHON ?= python3.11
+# The first of Python 3.11, 3.12, 3.13 on PATH (make PYTHON=/path/to/python to choose).
+PYTHON ?= $(or $(shell command -v python3.11 2>/dev/null),$(shell command -v python3.12 2>/dev/null),$(shell command -v python3.13 2>/dev/null),python3.11)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
@@ -20,7 +21,7 @@ help:
 	@echo "make bench  - benchmarks side by side with the tutorial's method (long; CORPUS=... required)"
 
 $(STAMP): pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11" >&2; exit 2; }
+	@command -v $(PYTHON) >/dev/null || { echo "error: no Python 3.11, 3.12 or 3.13 found ($(PYTHON)); install one or run make PYTHON=/path/to/python3.12" >&2; exit 2; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'

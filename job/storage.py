@@ -55,7 +55,7 @@ TRANSFER_PART = 16 << 20
 TRANSFER_CONCURRENCY = 6
 MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 FILES_AT_ONCE = 4  # files a many-file upload or download moves at once (each with its parts in flight)
-UPLOAD_IN_FLIGHT = 64 << 20  # bytes of parts a streamed Upload has in flight (it runs beside other work)
+UPLOAD_IN_FLIGHT = 48 << 20  # bytes of parts a streamed Upload has in flight (it runs beside other work)
 
 # Everything that changes which S3 (and how) a filesystem instance talks to: the cache key.
 _ENV_KEYS = (
@@ -557,8 +557,10 @@ class Upload:
     def write(self, data: bytes) -> None:
         self.buffer += data
         while len(self.buffer) >= self.part:
-            self._send(bytes(self.buffer[: self.part]))
+            with memoryview(self.buffer) as view:
+                part = bytes(view[: self.part])  # one copy (a bytearray slice would make two)
             del self.buffer[: self.part]
+            self._send(part)
 
     def _send(self, data: bytes) -> None:
         for _, done in self.parts:
