@@ -33,8 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     # Imported by name, only the one asked for: `prepare` never pays for TensorFlow, and child processes find
     # what a module defines under its own name.
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    if argv[0] == "prepare":
-        module.release_large_buffers()  # this process only prepares
     return run_cli(module.main, argv[1:])
 
 

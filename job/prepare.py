@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
-import ctypes
-import ctypes.util
 import fcntl
 import hashlib
 import itertools
@@ -763,19 +761,6 @@ _CHILD_READ: Any = None  # a child's shared counter of raw bytes read, for the p
 def _init_child(read: Any) -> None:
     global _CHILD_READ
     _CHILD_READ = read
-    release_large_buffers()
-
-
-def release_large_buffers() -> None:
-    """Hand freed buffers of 1 MB or more straight back to the system (glibc). By default glibc raises its mmap
-    threshold to 32 MB after the first large free, so the 4-20 MB chunks cleaning and transfers allocate then
-    come from the heap and stay in the process's RSS: measured, 100-175 MB more per process preparing from S3.
-    For preparation processes only (training's tensors would pay a mapping each)."""
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 def _count_read(n: int) -> None:
@@ -1512,5 +1497,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from job import prepare  # by its name: child processes find what it defines (e.g. _clean_in_child) there
 
-    prepare.release_large_buffers()  # this process only prepares
     sys.exit(run_cli(prepare.main))

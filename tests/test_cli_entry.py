@@ -26,8 +26,7 @@ def test_the_console_script_is_declared_for_every_command():
 
 
 def charlstm(*args: str) -> subprocess.CompletedProcess:
-    """`charlstm ARGS` as the console script runs it (job.cli.main), in a child: `prepare` sets the process's
-    allocator for preparing, which a test process should not inherit."""
+    """`charlstm ARGS` as the console script runs it (job.cli.main), in a child process."""
     return subprocess.run([sys.executable, "-m", "job.cli", *args], capture_output=True, text=True, timeout=120,
                           cwd=REPO)
 
