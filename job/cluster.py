@@ -71,13 +71,15 @@ def _free_port() -> int:
 def check_capacity(num_workers: int, cpus_per_worker: float, use_gpu: bool,
                    wait_minutes: float | None = None) -> float:
     """Minutes to wait for the cluster to fit the workers: 0 when it fits them now. A static cluster that cannot
-    is refused at once (instead of Ray Train waiting forever); one that can grow (an autoscaler runs, or
-    `wait_minutes` > 0) gets `wait_minutes` (default 15 with an autoscaler): see wait_for_capacity."""
+    is refused at once (instead of Ray Train waiting forever); one that can grow (an autoscaler answers that it
+    can add the nodes, or `wait_minutes` > 0) gets `wait_minutes` (default 15 with an autoscaler): see
+    wait_for_capacity."""
     short = _shortfall(num_workers, cpus_per_worker, use_gpu)
     if short is None:
         return 0.0
     if wait_minutes is None:
-        wait_minutes = AUTOSCALER_WAIT_MINUTES if autoscaler_running() else 0.0
+        grows = autoscaler_running(_bundles(num_workers, cpus_per_worker, use_gpu))
+        wait_minutes = AUTOSCALER_WAIT_MINUTES if grows else 0.0
     if wait_minutes <= 0:
         fix = "lower --num-workers or add GPU nodes" if "GPUs" in short else \
             "lower --num-workers / --cpus-per-worker or add nodes"
@@ -97,8 +99,7 @@ def wait_for_capacity(num_workers: int, cpus_per_worker: float, use_gpu: bool, w
     if short is None:
         return
     log(f"{short}: waiting up to {wait_minutes:g} min for the cluster to grow (--capacity-wait-minutes)")
-    bundle = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
-    request_resources(bundles=[bundle] * num_workers)  # what an autoscaler scales up for; no-op without one
+    request_resources(bundles=_bundles(num_workers, cpus_per_worker, use_gpu))  # no-op without an autoscaler
     deadline = time.monotonic() + wait_minutes * 60
     try:
         while (short := _shortfall(num_workers, cpus_per_worker, use_gpu)) is not None:
@@ -130,14 +131,50 @@ def _shortfall(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> str |
     return None
 
 
-def autoscaler_running() -> bool:
-    """Whether this cluster can add nodes by itself: Ray's autoscaler v2 (KubeRay `autoscalerOptions.version:
-    v2`, or RAY_enable_autoscaler_v2=1) records that it is on in the cluster's key-value store. The v1 monitor
-    gives no such sign: every `ray start --head` runs one (read-only on a fixed cluster) and writes the same
-    status record, so with v1 pass --capacity-wait-minutes (k8s/rayjob-train.yaml does both)."""
-    try:
-        from ray.autoscaler.v2.utils import is_autoscaler_v2
+def _bundles(num_workers: int, cpus_per_worker: float, use_gpu: bool) -> list[dict[str, float]]:
+    """The workers' resource shapes, as an autoscaler is asked for them."""
+    return [{"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}] * num_workers
 
-        return bool(is_autoscaler_v2(fetch_from_server=True))
+
+# How long the autoscaler gets to answer (it reports every AUTOSCALER_UPDATE_INTERVAL_S, 5 s by default).
+AUTOSCALER_VERDICT_SECONDS = 30.0
+_RPC_TIMEOUT_S = 10
+
+
+def autoscaler_running(bundles: list[dict[str, float]], timeout_s: float = AUTOSCALER_VERDICT_SECONDS) -> bool:
+    """Whether autoscaler v2, asked for `bundles`, reports them feasible: only one that can add nodes does."""
+    # Not the v2 flag: `ray start --head` sets it on every KubeRay pod since Ray 2.48, autoscaling or not, and a
+    # fixed head then runs the v2 monitor with a read-only provider, which reports everything its nodes cannot
+    # hold as infeasible (as does a real autoscaler past its max replicas). A v1 autoscaler reports no verdict:
+    # this says no (pass --capacity-wait-minutes). The request is withdrawn here; wait_for_capacity makes its own.
+    try:
+        import ray
+        from ray._raylet import GCS_AUTOSCALER_STATE_NAMESPACE, GCS_AUTOSCALER_V2_ENABLED_KEY
+        from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+        gcs = ray._private.worker.global_worker.gcs_client  # raises without ray.init()
+        if gcs.internal_kv_get(GCS_AUTOSCALER_V2_ENABLED_KEY.encode(), GCS_AUTOSCALER_STATE_NAMESPACE.encode(),
+                               timeout=_RPC_TIMEOUT_S) != b"1":
+            return False  # no autoscaler v2: none, or a v1 one that cannot be asked
+
+        def status() -> GetClusterStatusReply:
+            return GetClusterStatusReply.FromString(gcs.get_cluster_status(timeout_s=_RPC_TIMEOUT_S))
+
+        shapes = [dict(s) for s in {tuple(sorted(b.items())) for b in bundles}]
+        gcs.request_cluster_resource_constraint(shapes, [{} for _ in shapes], [bundles.count(b) for b in shapes],
+                                                timeout_s=_RPC_TIMEOUT_S)
+        try:
+            # Every state the GCS hands out gets a new version: one above this was read after the request.
+            asked = status().cluster_resource_state.cluster_resource_state_version
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                reply = status()
+                state = reply.autoscaling_state
+                if reply.HasField("autoscaling_state") and state.last_seen_cluster_resource_state_version > asked:
+                    return not state.infeasible_cluster_resource_constraints
+                time.sleep(0.5)
+            return False
+        finally:
+            gcs.request_cluster_resource_constraint([], [], [], timeout_s=_RPC_TIMEOUT_S)
     except Exception:  # noqa: BLE001 - no GCS answer: behave as on a fixed cluster (refuse, never hang)
         return False
