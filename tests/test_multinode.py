@@ -160,37 +160,21 @@ def test_elastic_run_continues_on_the_surviving_node_with_the_same_losses(cluste
     assert [m["epoch"] for m in _metrics(out)] == list(range(1, EPOCHS + 2))
 
 
-def _announce_autoscaler_v2(cluster, on: bool) -> None:
-    """Set (or clear) the flag Ray's autoscaler v2 keeps in the GCS key-value store, as on a KubeRay cluster with
-    `autoscalerOptions.version: v2`. No autoscaler can run here: the test adds the node it would add."""
-    code = ("import sys, ray\nfrom ray import _raylet\nfrom ray.experimental import internal_kv as kv\n"
-            "ray.init(address=sys.argv[1], log_to_driver=False)\n"
-            "key, ns = _raylet.GCS_AUTOSCALER_V2_ENABLED_KEY, _raylet.GCS_AUTOSCALER_STATE_NAMESPACE\n"
-            "kv._internal_kv_put(key, '1', overwrite=True, namespace=ns) if sys.argv[2] == 'on' else "
-            "kv._internal_kv_del(key, namespace=ns)\n")
-    env = {**cluster.cli_env(), "RAY_ADDRESS": cluster.info.gcs_address}
-    done = subprocess.run([sys.executable, "-c", code, cluster.info.gcs_address, "on" if on else "off"], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-
-
-def test_a_cluster_with_an_autoscaler_is_waited_for_instead_of_refused(cluster, inputs):
+def test_a_run_told_to_wait_for_capacity_waits_until_the_cluster_grows(cluster, inputs):
+    """--capacity-wait-minutes: a run that does not fit waits (an autoscaler's own verdict is tested in
+    tests/test_autoscaler_detection.py) and starts once a node joins."""
     corpus, config, out = inputs
     cluster.ensure_nodes(2)
     args = ["python", "-m", "job.train", "--corpus", corpus, "--output", out, "--config", config,
-            "--num-workers", "3", "--epochs", "1", "--run-name", "grow"]
-    _announce_autoscaler_v2(cluster, True)
-    try:
-        job = cluster.start(args)
-        deadline = time.monotonic() + 180
-        while "waiting up to 15 min for the cluster to grow" not in cluster.job_logs(job.job_id):
-            assert job.proc.poll() is None, job.wait(10).describe()
-            assert time.monotonic() < deadline, cluster.job_logs(job.job_id)[-3000:]
-            time.sleep(0.5)
-        cluster.add_node()  # what the autoscaler would do
-        result = job.wait(300)
-    finally:
-        _announce_autoscaler_v2(cluster, False)
+            "--num-workers", "3", "--epochs", "1", "--run-name", "grow", "--capacity-wait-minutes", "15"]
+    job = cluster.start(args)
+    deadline = time.monotonic() + 180
+    while "waiting up to 15 min for the cluster to grow" not in cluster.job_logs(job.job_id):
+        assert job.proc.poll() is None, job.wait(10).describe()
+        assert time.monotonic() < deadline, cluster.job_logs(job.job_id)[-3000:]
+        time.sleep(0.5)
+    cluster.add_node()  # what an autoscaler would do
+    result = job.wait(300)
     assert result.ok, result.describe()
     assert "the Ray cluster has 2 CPUs but 3 workers x 1 CPUs were asked for: waiting up to 15 min" in result.logs
     assert "the cluster has grown to 3 CPUs" in result.logs
