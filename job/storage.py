@@ -56,6 +56,7 @@ TRANSFER_CONCURRENCY = 6
 MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 FILES_AT_ONCE = 4  # files a many-file upload or download moves at once (each with its parts in flight)
 UPLOAD_IN_FLIGHT = 48 << 20  # bytes of parts a streamed Upload has in flight (it runs beside other work)
+READ_AHEAD = 8 << 20  # open_read on S3: each GET fetches the read asked for and this much beyond it
 
 # Everything that changes which S3 (and how) a filesystem instance talks to: the cache key.
 _ENV_KEYS = (
@@ -849,7 +850,7 @@ def open_read(url: str) -> Iterator:
     while opening or while reading inside the `with` block, become one-line UserErrors naming `url`."""
     with translate_errors(url):
         fs, path = _fs(url)
-        with fs.open(path, "rb") as fh:  # S3: readahead of TRANSFER_PART beyond each read, one GET for both
+        with fs.open(path, "rb", **({"block_size": READ_AHEAD} if is_s3(url) else {})) as fh:
             yield fh
 
 
