@@ -635,9 +635,10 @@ def _cleaned_files(sources: list[Source], folder: str, *, workers: int, progress
     read = context.Value("q", 0)
     pool = context.Pool(min(workers, len(jobs)), initializer=_init_child, initargs=(read,))
     hashing = ThreadPoolExecutor(1, thread_name_prefix="charlstm-hash")  # split files' sha256, beside the parts
+    stop = threading.Event()
     try:
-        digests = [hashing.submit(_sha256_of, s.url) if len(plan) > 1 else None for s, plan in zip(sources, plans,
-                                                                                                  strict=True)]
+        digests = [hashing.submit(_sha256_of, s.url, stop) if len(plan) > 1 else None
+                   for s, plan in zip(sources, plans, strict=True)]
         results = pool.imap(_clean_in_child, jobs)  # in listing order, computed `workers` at a time
         for index, (source, plan, digest) in enumerate(zip(sources, plans, digests, strict=True)):
             outcomes = []
@@ -661,6 +662,7 @@ def _cleaned_files(sources: list[Source], folder: str, *, workers: int, progress
             yield source, joined
         pool.close()
     finally:
+        stop.set()  # a hash still reading stops at its next chunk (a stop or an error must not wait for it)
         hashing.shutdown(wait=True, cancel_futures=True)
         pool.terminate()  # on an error or a stop: no child outlives the preparation
         pool.join()
@@ -692,10 +694,12 @@ def _plan(source: Source, index: int, folder: str) -> list[tuple[int, int, str]]
             for j, (a, b) in enumerate(itertools.pairwise(cuts))]
 
 
-def _sha256_of(url: str) -> str:
+def _sha256_of(url: str, stop: threading.Event) -> str:
     h = hashlib.sha256()
     with storage.open_read(url) as fh:
         for chunk in read_chunks(fh, 8 << 20):
+            if stop.is_set():
+                return ""
             h.update(chunk)
     return h.hexdigest()
 
