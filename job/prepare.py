@@ -856,26 +856,25 @@ def prefetched(chunks: Iterator[bytes], depth: int = 2) -> Iterator[bytes]:
     stop = threading.Event()
     end = object()
 
+    def put(item: Any) -> bool:
+        """Queue `item` unless the consumer has stopped reading (then False)."""
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def reader() -> None:
         try:
             for chunk in chunks:
-                while not stop.is_set():
-                    try:
-                        ahead.put(chunk, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(chunk):
                     return
             item: Any = end
         except BaseException as exc:  # handed to the consumer, raised where it reads
             item = exc
-        while not stop.is_set():
-            try:
-                ahead.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        put(item)
 
     thread = threading.Thread(target=reader, name="charlstm-prefetch", daemon=True)
     thread.start()
