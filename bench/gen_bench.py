@@ -20,8 +20,8 @@ PROMPT_LEN = 100
 
 
 def tutorial_loop(vocab_size: int, n_chars: int, seed: int = 0) -> dict[str, Any]:
-    from job import model as model_lib
-    from job.config import PRESETS, TrainConfig
+    from job.core.config import PRESETS, TrainConfig
+    from job.model import model as model_lib
 
     cfg = TrainConfig(preset="seed-small", output="unused", **PRESETS["seed-small"])
     model = model_lib.build(cfg, vocab_size)
@@ -45,9 +45,9 @@ def tutorial_loop(vocab_size: int, n_chars: int, seed: int = 0) -> dict[str, Any
 
 def sampler_rates(vocab_size: int, units: list[int], batches: list[int], length: int, repeats: int,
                   temperature: float, seed: int = 0, xla: bool = True) -> dict[str, Any]:
-    from job import model as model_lib
-    from job.config import PRESETS, TrainConfig
-    from job.sample import Sampler
+    from job.core.config import PRESETS, TrainConfig
+    from job.model import model as model_lib
+    from job.model.sample import Sampler
 
     cfg = TrainConfig(**{**PRESETS["default"], "preset": "default", "output": "unused", "units": units})
     model = model_lib.build(cfg, vocab_size)

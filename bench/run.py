@@ -109,8 +109,8 @@ def check_corpus(corpus: str | None) -> str:
         raise BenchError(f"--corpus {corpus}: give a local path or a file:// URL")
     if not os.path.isfile(path):
         raise BenchError(f"corpus {path} does not exist or is not a file; pass --corpus PATH or set CORPUS")
-    from job import corpus as corpus_lib
-    from job.errors import UserError
+    from job.core.errors import UserError
+    from job.data import corpus as corpus_lib
 
     try:
         corpus_lib.load(os.path.abspath(path))
@@ -171,7 +171,7 @@ GPU_EXAMPLE = {"units": [1024, 1024], "embed_dim": 128, "batch_size": 256, "seq_
 
 
 def run_scaling(args, corpus: str, workdir: Path, vocab_size: int) -> dict[str, Any]:
-    from job.config import PRESETS, TrainConfig
+    from job.core.config import PRESETS, TrainConfig
 
     measured = scale_bench.measure(corpus, workdir, args.scale_workers, args.scale_epochs)
     default = TrainConfig(**{**PRESETS["default"], "output": "x"})
@@ -335,7 +335,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"chars/s = batch x length / median seconds of {len(ours['rows'][0]['seconds'])} calls after a warm-up.",
             "",
         ]
-        from job.config import PRESETS
+        from job.core.config import PRESETS
 
         shipped = PRESETS["default"]["units"]
         if list(ours["units"]) != list(shipped):
@@ -479,7 +479,7 @@ def plot_gen(results: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.gen_units is None:
-        from job.config import PRESETS
+        from job.core.config import PRESETS
 
         args.gen_units = list(PRESETS["default"]["units"])
     corpus = check_corpus(args.corpus)
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
 
-    from job import corpus as corpus_lib
+    from job.data import corpus as corpus_lib
 
     text = corpus_lib.load(corpus).text
     vocab_size = len(corpus_lib.Vocab.from_text(text))

@@ -115,7 +115,7 @@ def run(text: str, workdir: Path, size_mb: int) -> dict[str, Any]:
                          str(workdir / "data-one")],
             "s3_to_s3": [sys.executable, "-m", "job.prepare", "--corpus", f"s3://{BUCKET}/corpus/", "--output",
                          f"s3://{BUCKET}/data"],
-            "download": [sys.executable, "-c", "import sys; from job import prepare; "
+            "download": [sys.executable, "-c", "import sys; from job.data import prepare; "
                          "prepare.open_local(sys.argv[1], cache_dir=sys.argv[2])", f"s3://{BUCKET}/data",
                          str(workdir / "node-cache")],
         }

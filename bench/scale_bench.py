@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from job.config import PRESETS
+from job.core.config import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 

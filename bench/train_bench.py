@@ -47,11 +47,12 @@ def epoch_rates(history: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def run(preset: str, corpus_url: str, seconds: float, workdir: str) -> dict[str, Any]:
-    from job import corpus as corpus_lib
-    from job import data, export
-    from job.config import PRESETS, TrainConfig
-    from job.evaluate import evaluate
-    from job.worker import train_func
+    from job.core.config import PRESETS, TrainConfig
+    from job.data import corpus as corpus_lib
+    from job.data import windows as data
+    from job.model import export
+    from job.model.scoring import evaluate
+    from job.training.worker import train_func
 
     shutil.rmtree(workdir, ignore_errors=True)  # an old checkpoint there would be resumed
     cfg = TrainConfig(**{**PRESETS[preset], "preset": preset, "corpus": corpus_url, "output": workdir,
@@ -114,7 +115,7 @@ def run(preset: str, corpus_url: str, seconds: float, workdir: str) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from job.errors import run_cli
+    from job.core.errors import run_cli
 
     args = parser().parse_args(argv)
 

@@ -42,9 +42,9 @@ def check_seed_small(vocab_size: int = 40) -> dict[str, Any]:
     """Compare the seed-small preset and its built model with the tutorial's; return what differs."""
     import keras
 
-    from job import model as model_lib
-    from job.config import PRESETS, TrainConfig
-    from job.worker import _make_optimizer
+    from job.core.config import PRESETS, TrainConfig
+    from job.model import model as model_lib
+    from job.training.worker import _make_optimizer
 
     preset = PRESETS["seed-small"]
     diffs = [f"{k}: preset {preset.get(k)!r} != tutorial {v!r}" for k, v in TUTORIAL.items() if preset.get(k) != v]

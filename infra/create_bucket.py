@@ -30,8 +30,8 @@ import re
 import sys
 from typing import Any
 
-from job import storage
-from job.errors import UserError, run_cli
+from job.core import storage
+from job.core.errors import UserError, run_cli
 
 DEFAULT_PREFIXES = ("corpora/", "runs/", "generations/")
 # Bucket name used in the checked-in infra/iam-policy.json and in k8s/kustomization.yaml.

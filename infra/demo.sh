@@ -44,7 +44,7 @@ $RAY job submit --working-dir . -- python -m job.generate \
 echo "== what landed in the bucket"
 $PY - "$BUCKET" <<'PY'
 import sys
-from job import storage
+from job.core import storage
 root = f"s3://{sys.argv[1]}/runs/demo"
 for url in storage.listdir(root):
     print("  ", url)

@@ -40,7 +40,7 @@ def fetch_or_generate(target: str, url: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from job.config import DEFAULT_CORPUS_URL
+    from job.core.config import DEFAULT_CORPUS_URL
 
     target = argv[0]
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)

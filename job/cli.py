@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from job.errors import EXIT_USER_ERROR, run_cli
+from job.core.errors import EXIT_USER_ERROR, run_cli
 
 COMMANDS = {
     "train": ("job.train", "train a model (a Ray Train job, or --in-process)"),

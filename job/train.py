@@ -11,9 +11,11 @@ import signal
 import sys
 from typing import Any
 
-from job import cluster, guard, prepare, report, storage
-from job.config import TrainConfig, load_train_config
-from job.errors import UserError, run_cli
+from job.cluster import capacity
+from job.core import guard, report, storage
+from job.core.config import TrainConfig, load_train_config
+from job.core.errors import UserError, run_cli
+from job.data import prepare
 
 
 def preflight(cfg: TrainConfig) -> dict[str, Any]:
@@ -24,8 +26,8 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     once, streaming the raw files; reused on resubmission and resume, so workers never read raw text) and be long
     enough for one batch and the held-out protocol; last, a growing cluster is waited for (bounded). A refusal
     before the dataset step leaves --output as it was."""
-    from job.session import record_run, refuse_mixed_runs
-    from job.worker import ensure_dataset
+    from job.training.session import record_run, refuse_mixed_runs
+    from job.training.worker import ensure_dataset
 
     record = refuse_mixed_runs(cfg)
     # Everything that can be checked without a cluster, before one starts: a typo costs a second, not Ray's start.
@@ -33,13 +35,13 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     storage.check_writable(cfg.data_url)
     wait = 0.0
     if not cfg.in_process:
-        cluster.connect(cfg.num_workers, cfg.cpus_per_worker)
-        wait = cluster.check_capacity(cfg.worker_counts[0], cfg.cpus_per_worker, cfg.use_gpu, cfg.capacity_wait_minutes)
+        capacity.connect(cfg.num_workers, cfg.cpus_per_worker)
+        wait = capacity.check_capacity(cfg.worker_counts[0], cfg.cpus_per_worker, cfg.use_gpu, cfg.capacity_wait_minutes)
     meta = ensure_dataset(cfg, log=lambda line: print(line, flush=True))
     if record is None:
         record_run(cfg)
     # After the dataset: preparing a large corpus and an autoscaler bringing nodes up both take minutes.
-    cluster.wait_for_capacity(cfg.worker_counts[0], cfg.cpus_per_worker, cfg.use_gpu, wait,
+    capacity.wait_for_capacity(cfg.worker_counts[0], cfg.cpus_per_worker, cfg.use_gpu, wait,
                               log=lambda line: print(line, flush=True))
     return meta
 
@@ -48,8 +50,8 @@ def launch_ray(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from job.backend import MirroredConfig
-    from job.worker import train_func
+    from job.cluster.backend import MirroredConfig
+    from job.training.worker import train_func
 
     filesystem, path = storage.pyarrow_filesystem(storage.join(cfg.output, "checkpoints"))
     resources = {"CPU": cfg.cpus_per_worker}
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     with guard.Lease(cfg.output, f"training run {cfg.run!r}", log=lambda line: print(line, flush=True)):
         preflight(cfg)
         if cfg.in_process:
-            from job.worker import train_func
+            from job.training.worker import train_func
 
             final = train_func({**cfg.to_dict(), "_dataset_ready": True})
         else:

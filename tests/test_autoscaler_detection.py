@@ -38,7 +38,7 @@ _DRIVER = """
 import json, sys, time
 import ray
 from ray._raylet import GCS_AUTOSCALER_STATE_NAMESPACE, GCS_AUTOSCALER_V2_ENABLED_KEY
-from job.cluster import autoscaler_running
+from job.cluster.capacity import autoscaler_running
 ray.init(address=sys.argv[1], _node_ip_address="127.0.0.1", log_to_driver=False)
 gcs = ray._private.worker.global_worker.gcs_client
 flag = gcs.internal_kv_get(GCS_AUTOSCALER_V2_ENABLED_KEY.encode(), GCS_AUTOSCALER_STATE_NAMESPACE.encode(), timeout=10)

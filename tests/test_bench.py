@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 
 from bench import run, scale_bench
-from job.config import PRESETS, TrainConfig
+from job.core.config import PRESETS, TrainConfig
 
 
 @pytest.mark.parametrize("preset", ["default", "seed-small", "seed-large"])
 def test_param_count_matches_the_built_model(preset):
-    from job import model as model_lib
+    from job.model import model as model_lib
 
     cfg = TrainConfig(**{**PRESETS[preset], "preset": preset, "output": "x"})
     built = model_lib.build(cfg, 45)

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from job.config import PRESETS, TrainConfig, load_train_config
-from job.errors import UserError
+from job.core.config import PRESETS, TrainConfig, load_train_config
+from job.core.errors import UserError
 
 BASE = ["--output", "/tmp/out", "--corpus", "x.txt"]
 
@@ -126,7 +126,7 @@ def test_worker_ranges_that_cannot_work_are_refused_with_one_line(flags, message
 
 
 def test_a_resume_may_change_the_worker_count_but_not_the_global_batch():
-    from job.session import resume_mismatches
+    from job.training.session import resume_mismatches
 
     saved = load_train_config(BASE + ["--num-workers", "2", "--batch-size", "4"]).to_dict()
     same = load_train_config(BASE + ["--num-workers", "1", "--global-batch-size", "8"])
@@ -142,7 +142,7 @@ def test_a_resume_may_change_the_worker_count_but_not_the_global_batch():
 
 
 def test_a_resume_keeps_the_weight_average_on_or_off_but_may_change_its_momentum():
-    from job.session import resume_mismatches
+    from job.training.session import resume_mismatches
 
     saved = load_train_config(BASE).to_dict()  # the default preset: average on (0.99)
     assert resume_mismatches(saved, load_train_config(BASE + ["--weight-average", "0.995"])) == []
@@ -179,7 +179,7 @@ def test_every_setting_is_a_flag_generated_from_the_schema():
     field, and a flag given wins over the preset."""
     from dataclasses import fields
 
-    from job.config import train_parser
+    from job.core.config import train_parser
 
     flags = {a.dest for a in train_parser()._actions}
     assert {f.name for f in fields(TrainConfig)} - flags == {"min_workers"}

@@ -3,8 +3,8 @@
 import pytest
 import textgen
 
-from job import corpus
-from job.errors import UserError
+from job.core.errors import UserError
+from job.data import corpus
 
 NEW = (
     "The Project Gutenberg eBook of Alice\n\nLicense blah\n"
@@ -98,7 +98,7 @@ def test_a_gutenberg_book_cleans_to_exactly_its_story(tmp_path, style, crlf, bom
 def test_decode_rows_is_decode_of_every_row():
     import numpy as np
 
-    from job.corpus import Vocab
+    from job.data.corpus import Vocab
 
     vocab = Vocab(("\x00", "\n", " ", "a", "é", "😀"))
     ids = np.random.default_rng(1).integers(0, len(vocab), (500, 7))

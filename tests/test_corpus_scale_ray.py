@@ -16,7 +16,7 @@ import textgen
 import yaml
 from tiny import EXACT
 
-from job.config import PRESETS, TrainConfig
+from job.core.config import PRESETS, TrainConfig
 
 pytestmark = pytest.mark.e2e
 
@@ -81,7 +81,7 @@ def test_glob_corpus_two_workers_match_one_and_resubmission_reuses_the_dataset(
     assert [m["epoch"] for m in lines if m["kind"] == "epoch"] == [1, 2]
 
     # One worker at twice the batch, in this process, on the same glob: the same losses, line for line.
-    from job.worker import train_func
+    from job.training.worker import train_func
 
     single = TrainConfig(**{**PRESETS["default"], **TINY, "preset": "default", "corpus": corpus,
                             "output": str(tmp_path / "single"), "epochs": 2, "seed": 3, "batch_size": 8,

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from job import data
-from job.errors import UserError
+from job.core.errors import UserError
+from job.data import windows as data
 
 
 @pytest.mark.parametrize("plan_fn", [data.sliding_plan, data.stream_plan])

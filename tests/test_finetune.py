@@ -14,8 +14,8 @@ import yaml
 from logcheck import assert_user_error, run
 from tiny import TINY
 
-from job import finetune
-from job.corpus import UNKNOWN_CHAR, Vocab
+from job.data.corpus import UNKNOWN_CHAR, Vocab
+from job.model import finetune
 
 # ----------------------------------------------------------------------------------------- plain data
 
@@ -126,7 +126,7 @@ def test_fine_tuning_from_a_checkpoint(parent, tmp_path):
 
 @pytest.mark.e2e
 def test_fine_tuning_from_a_model_on_s3(parent, s3_server, s3_prefix, tmp_path):
-    from job import storage
+    from job.core import storage
 
     storage.upload_dir(str(parent["out"] / "model"), f"{s3_prefix}/parent/model")
     proc = fine_tune(parent, tmp_path / "ft", init=f"{s3_prefix}/parent", env=s3_server.env)
@@ -137,9 +137,9 @@ def test_fine_tuning_from_a_model_on_s3(parent, s3_server, s3_prefix, tmp_path):
 def test_the_parents_weights_are_carried_row_for_row(parent):
     """In-process: the new model holds the parent's layers, with the old ids' embedding rows and output columns
     unchanged and the new ones at their mean."""
-    from job import export
-    from job import model as model_lib
-    from job.config import TrainConfig
+    from job.core.config import TrainConfig
+    from job.model import export
+    from job.model import model as model_lib
 
     found = finetune.find_parent(str(parent["out"]))
     vocab = Vocab((*found.vocab.chars, "é", "ÿ"))
@@ -163,7 +163,7 @@ def test_the_parents_weights_are_carried_row_for_row(parent):
 def test_a_tutorial_model_refuses_new_characters():
     """The tutorial presets read a character as id / vocabulary size: only the parent's exact vocabulary fits
     (checked on the prepared vocabulary, before the dataset is published)."""
-    from job.errors import UserError
+    from job.core.errors import UserError
 
     parent = finetune.Parent("runs/tutorial/model", "model", {"input_mode": "scaled"}, Vocab(tuple("\n abc")), "0")
     finetune.check_vocabulary(parent, Vocab(tuple("\n abc")), "scaled")
@@ -175,7 +175,7 @@ def test_a_tutorial_model_refuses_new_characters():
 def test_the_cli_refuses_new_characters_for_a_tutorial_parent_before_publishing(parent, tmp_path):
     """Through job.train: the refusal comes from the dataset's validation, so nothing is published (no TensorFlow
     needed: a parent's config.json and vocab.json are all the driver reads before training)."""
-    from job.config import PRESETS
+    from job.core.config import PRESETS
 
     tutorial = tmp_path / "tutorial" / "model"
     tutorial.mkdir(parents=True)
@@ -193,7 +193,7 @@ def test_two_ray_workers_fine_tune_as_one(parent, ray_cluster, s3_server, s3_pre
     same weights, and the run follows a 1-worker in-process fine-tuning at the same global batch."""
     from tiny import EXACT
 
-    from job import storage
+    from job.core import storage
 
     base = s3_prefix.split("/", 3)[3]
     storage.upload_dir(str(parent["out"] / "model"), f"{s3_prefix}/parent/model")

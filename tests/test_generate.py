@@ -13,8 +13,8 @@ import pytest
 import textgen
 from tiny import TINY
 
-from job.config import PRESETS, TrainConfig
-from job.worker import train_func
+from job.core.config import PRESETS, TrainConfig
+from job.training.worker import train_func
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {**TINY, "units": [24], "sample_chars": 10, "epochs": 1, "steps_per_call": 4}
@@ -175,8 +175,8 @@ def test_other_settings_into_the_same_output_are_refused(models, tmp_path):
 
 
 def test_corpus_seeds_from_a_memory_mapped_dataset_match_the_text_ones(tmp_path):
-    from job import prompts
-    from job.corpus import Vocab
+    from job.data import prompts
+    from job.data.corpus import Vocab
 
     text = textgen.story(3000, seed=9)
     vocab = Vocab.from_text(text)

@@ -15,8 +15,8 @@ import pytest
 import textgen
 from tiny import TINY
 
-from job.config import PRESETS, TrainConfig
-from job.worker import train_func
+from job.core.config import PRESETS, TrainConfig
+from job.training.worker import train_func
 
 pytestmark = pytest.mark.e2e
 
@@ -64,7 +64,7 @@ def test_two_ray_workers_match_one_worker_byte_for_byte(ray_cluster, s3_server, 
 KILL_AT_SHARD = """
 import os, signal, sys, threading
 from job import generate
-from job.errors import run_cli
+from job.core.errors import run_cli
 
 kill_at, published, lock, real_replace = int(os.environ["KILL_AT_SHARD"]), [], threading.Lock(), os.replace
 

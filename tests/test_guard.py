@@ -17,8 +17,9 @@ import pytest
 import textgen
 from logcheck import assert_user_error, run
 
-from job import guard, prepare, prompts, storage
-from job.errors import UserError
+from job.core import guard, storage
+from job.core.errors import UserError
+from job.data import prepare, prompts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,8 +126,8 @@ def test_a_holder_that_loses_its_lease_is_told(tmp_path, fast_lease):
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from job import guard
-    from job.errors import UserError
+    from job.core import guard
+    from job.core.errors import UserError
     try:
         with guard.Lease(sys.argv[1], sys.argv[2]):
             print("got", flush=True)

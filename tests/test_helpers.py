@@ -7,7 +7,7 @@ import pytest
 import textgen
 from logcheck import assert_no_traceback_from_our_code, is_our_file, tracebacks_from_our_code
 
-from job import corpus
+from job.data import corpus
 
 # ------------------------------------------------------------------------------------------------ textgen
 

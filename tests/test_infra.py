@@ -20,7 +20,7 @@ from botocore.stub import Stubber
 from moto import mock_aws
 
 from infra import create_bucket as cb
-from job.errors import UserError, run_cli
+from job.core.errors import UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY_FILE = REPO / "infra" / "iam-policy.json"
@@ -361,7 +361,7 @@ def test_whole_bucket_or_wildcard_prefixes_are_refused(prefix):
 
 def test_bucket_setup_reads_region_and_endpoint_as_the_job_does(monkeypatch):
     """One reading of the environment for the job and the bucket tool: botocore's region order, AWS host names."""
-    from job import storage
+    from job.core import storage
 
     monkeypatch.setenv("AWS_REGION", "eu-west-3")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-southeast-2")

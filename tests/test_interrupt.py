@@ -24,7 +24,8 @@ from e2e_helpers import pid_alive
 from logcheck import assert_no_traceback_from_our_code
 from tiny import EXACT
 
-from job import session, storage
+from job.core import storage
+from job.training import session
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_WORKER_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=")
@@ -202,8 +203,8 @@ def test_a_report_to_a_controller_that_is_gone_stops_the_worker_without_a_traceb
     import ray.exceptions
     import ray.train
 
-    from job import worker
-    from job.config import TrainConfig
+    from job.core.config import TrainConfig
+    from job.training import worker
 
     def dead_controller(*_args, **_kwargs):
         raise ray.exceptions.ActorDiedError()

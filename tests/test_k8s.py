@@ -361,7 +361,7 @@ def test_gpu_worker_group(rendered, which):
     cluster = job["spec"]["rayClusterSpec"]
     args = shlex.split(job["spec"]["entrypoint"])
     assert "--use-gpu" in args
-    from job.config import parse_workers
+    from job.core.config import parse_workers
 
     num_workers = parse_workers(args[args.index("--num-workers") + 1])[1]  # N, or MAX of MIN-MAX
     autoscaled = cluster.get("enableInTreeAutoscaling") is True
@@ -534,8 +534,8 @@ def _entrypoint_args(rendered, which: str) -> list[str]:
 
 
 def test_train_entrypoint_flags_are_accepted_by_the_cli(rendered):
-    from job.config import load_train_config
-    from job.errors import UserError
+    from job.core.config import load_train_config
+    from job.core.errors import UserError
 
     args = _entrypoint_args(rendered, "train")
     try:
@@ -558,7 +558,7 @@ def test_train_entrypoint_flags_are_accepted_by_the_cli(rendered):
 def test_generate_entrypoint_flags_are_accepted_by_the_cli(rendered):
     args = _entrypoint_args(rendered, "generate")
     import job.generate
-    from job.errors import UserError
+    from job.core.errors import UserError
 
     try:
         cfg = job.generate.load_generate_config(args)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 SMOKE = textwrap.dedent("""
     import json, os, sys
-    from job import storage
+    from job.core import storage
     report = {
         "python": sys.executable,
         "cwd": os.getcwd(),

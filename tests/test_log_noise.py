@@ -20,7 +20,7 @@ from logcheck import assert_no_traceback_from_our_code
 from textgen import story
 from tiny import TINY
 
-from job import report
+from job.core import report
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {**TINY, "epochs": 2}
@@ -105,7 +105,7 @@ def test_short_local_training_and_generation_print_our_lines_and_little_else(tmp
 
 
 def _import_tensorflow_stderr(verbose: bool) -> str:
-    code = "import sys; from job import report; report.import_tensorflow(sys.argv[1] == 'verbose')"
+    code = "import sys; from job.core import report; report.import_tensorflow(sys.argv[1] == 'verbose')"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP_")}
     proc = subprocess.run([sys.executable, "-c", code, "verbose" if verbose else "quiet"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
@@ -144,8 +144,8 @@ def test_a_generation_ends_with_its_summary_line(tmp_path, ray_tmp, flags):
     corpus.write_text(story(8000, seed=6))
     model = tmp_path / "model"
     settings = {k: v for k, v in TINY.items() if k != "epochs"}
-    from job.config import PRESETS, TrainConfig
-    from job.worker import train_func
+    from job.core.config import PRESETS, TrainConfig
+    from job.training.worker import train_func
 
     train_func(TrainConfig(**{**PRESETS["default"], **settings, "epochs": 1, "corpus": str(corpus),
                               "output": str(model), "in_process": True}).validate().to_dict())

@@ -2,7 +2,7 @@
 
 import pytest
 
-from job.config import PRESETS, TrainConfig
+from job.core.config import PRESETS, TrainConfig
 
 
 def cudnn_refusals(layer) -> list[str]:
@@ -58,7 +58,7 @@ def keras_runs_cudnn(layer, width: int) -> bool:
 def test_gpu_presets_build_cudnn_eligible_lstms(preset):
     import keras
 
-    from job import model
+    from job.model import model
 
     cfg = TrainConfig(**{**PRESETS[preset], "preset": preset, "output": "unused"}).validate()
     built = model.build(cfg, vocab_size=100)
@@ -102,7 +102,7 @@ def test_our_predicate_refuses_what_keras_refuses(settings, reason):
     ("seed-small", 128, 4, 4),  # the tutorial: 128 x 257 x 1024 = 34 M
 ])
 def test_cpu_threads_auto(preset, batch, reserved, threads):
-    from job.worker import compute_threads
+    from job.training.worker import compute_threads
 
     cfg = TrainConfig(**{**PRESETS[preset], "preset": preset, "output": "unused"})
     assert compute_threads(cfg, batch, reserved) == threads
@@ -115,7 +115,7 @@ def test_input_dropout_drops_whole_characters_or_single_features(unit):
     """`char` zeroes a position's whole embedding vector (one draw per character); `feature` zeroes entries."""
     import numpy as np
 
-    from job import model
+    from job.model import model
 
     cfg = TrainConfig(**{**PRESETS["default"], "output": "unused", "input_dropout": 0.5,
                          "input_dropout_unit": unit}).validate()

@@ -23,7 +23,7 @@ import textgen
 import yaml
 from tiny import EXACT
 
-from job.config import PRESETS, TrainConfig
+from job.core.config import PRESETS, TrainConfig
 
 pytestmark = pytest.mark.e2e
 
@@ -52,13 +52,13 @@ def inputs(s3_server, s3_prefix):
 
 
 def _metrics(out: str) -> list[dict]:
-    from job import storage
+    from job.core import storage
 
     return [json.loads(x) for x in storage.read_text(storage.join(out, "metrics.jsonl")).splitlines()]
 
 
 def _newest_step(out: str, run: str) -> int:
-    from job import session
+    from job.training import session
 
     found = session.complete_checkpoints(f"{out}/checkpoints/{run}")
     return found[-1][0] if found else -1
@@ -130,7 +130,7 @@ def test_elastic_run_continues_on_the_surviving_node_with_the_same_losses(cluste
     assert final["workers"] == 1 and final["global_batch"] == 8
 
     # The same run on one worker at the same global batch, never interrupted: the same losses.
-    from job.worker import train_func
+    from job.training.worker import train_func
 
     reference = tmp_path / "reference"
     train_func(TrainConfig(**{**PRESETS["default"], **TINY, "preset": "default", "corpus": corpus,

@@ -19,7 +19,7 @@ import yaml
 from logcheck import assert_user_error, run
 from tiny import TINY
 
-from job import guard
+from job.core import guard
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,8 +164,9 @@ def test_output_inside_the_corpus_folder_is_not_read_as_corpus(base, tmp_path):
 def test_in_process_training_prepares_its_dataset_once(base, tmp_path):
     code = (
         "import sys\n"
-        "from job import prepare, train\n"
-        "from job.errors import run_cli\n"
+        "from job import train\n"
+        "from job.core.errors import run_cli\n"
+        "from job.data import prepare\n"
         "calls = []\n"
         "real = prepare.prepare\n"
         "prepare.prepare = lambda *a, **k: calls.append(1) or real(*a, **k)\n"
@@ -265,7 +266,7 @@ def test_a_damaged_dataset_found_by_a_ray_worker_is_one_line(ray_cluster, s3_ser
     reaches the user as the driver's own refusals do: one line, not Ray Train's wrapped traceback."""
     from logcheck import assert_one_line_error
 
-    from job import prepare
+    from job.data import prepare
 
     base = s3_prefix.split("/", 3)[3]
     s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{base}/corpus.txt",

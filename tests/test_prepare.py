@@ -12,9 +12,10 @@ import re
 import numpy as np
 import pytest
 
-from job import corpus, prepare, storage
-from job.corpus import Vocab
-from job.errors import UserError, run_cli
+from job.core import storage
+from job.core.errors import UserError, run_cli
+from job.data import corpus, prepare
+from job.data.corpus import Vocab
 from tests import textgen
 
 # ------------------------------------------------------------------------------------- synthetic text

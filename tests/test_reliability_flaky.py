@@ -28,7 +28,7 @@ from faulty_proxy import FaultyProxy
 from logcheck import assert_no_traceback_from_our_code
 from tiny import EXACT
 
-from job.config import PRESETS, TrainConfig
+from job.core.config import PRESETS, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = EXACT
@@ -67,7 +67,7 @@ class Runs:
 @pytest.fixture(scope="module")
 def flaky(s3_server, ray_cluster, tmp_path_factory):
     """The flaky-store runs (and their fault-free references), done once for the tests of this module."""
-    from job.worker import train_func
+    from job.training.worker import train_func
 
     tmp = tmp_path_factory.mktemp("flaky")
     base = f"flaky-{uuid.uuid4().hex[:8]}"
@@ -138,7 +138,7 @@ def test_pyarrow_retry_strategy_survives_pickling(s3_server, s3_prefix, monkeypa
     with AWS_MAX_ATTEMPTS=4 the unpickled filesystem must succeed, with 3 it must give up."""
     from ray import cloudpickle
 
-    from job import storage
+    from job.core import storage
 
     with FaultyProxy(s3_server.endpoint, fault_rate=1.0, max_consecutive=3, faults=("503",)) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
@@ -162,7 +162,7 @@ def test_pyarrow_retry_strategy_survives_pickling(s3_server, s3_prefix, monkeypa
 @pytest.mark.timeout(180)
 def test_botocore_retries_as_configured(s3_server, s3_prefix, monkeypatch):
     """s3fs/boto3 use botocore's retries (standard mode, AWS_MAX_ATTEMPTS): 3 faults per request pass with 4."""
-    from job import storage
+    from job.core import storage
 
     with FaultyProxy(s3_server.endpoint, fault_rate=1.0, max_consecutive=3, faults=("500", "drop")) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
@@ -196,7 +196,7 @@ def test_training_through_flaky_store_matches_fault_free_run(flaky, s3_server):
         assert got["global_step"] == want["global_step"]
         assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)
         assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
-    from job import export
+    from job.model import export
 
     got, want = export.load(flaky.train_out), export.load(str(flaky.reference_train))
     assert got.config["epoch"] == want.config["epoch"] == 2
@@ -271,7 +271,7 @@ def test_job_code_never_sets_an_acl():
     hits = [f"{path.name}:{n}: {line.strip()}" for path in sorted((REPO / "job").glob("*.py"))
             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []
-    from job import storage
+    from job.core import storage
 
     fs = storage.s3_filesystem()
     assert not any("acl" in k.lower() for k in fs.s3_additional_kwargs), fs.s3_additional_kwargs

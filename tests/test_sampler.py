@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from job import model as model_lib
-from job.config import PRESETS, TrainConfig
-from job.sample import GREEDY, SAMPLED, Sampler, choose, filter_logits, row_keys
+from job.core.config import PRESETS, TrainConfig
+from job.model import model as model_lib
+from job.model.sample import GREEDY, SAMPLED, Sampler, choose, filter_logits, row_keys
 
 V = 11
 
@@ -113,6 +113,6 @@ def test_xla_loop_gives_the_plain_graph_output_for_any_batch(preset, units):
 
 
 def test_padded_rows_are_powers_of_two():
-    from job.sample import padded_rows
+    from job.model.sample import padded_rows
 
     assert [padded_rows(n) for n in (1, 2, 3, 4, 5, 255, 256, 257, 1000)] == [1, 2, 4, 4, 8, 256, 256, 512, 1024]

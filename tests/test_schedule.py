@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from job.schedule import ProgressTicker, due, eta_seconds, progress_line, record_evaluation, steps_in_next_call
+from job.training.schedule import ProgressTicker, due, eta_seconds, progress_line, record_evaluation, steps_in_next_call
 
 
 def test_calls_end_exactly_on_every_interval_and_the_epoch_end():
@@ -60,7 +60,7 @@ def test_a_finished_epoch_replaces_its_partial_line_wherever_it_stands():
 
 
 def test_budget_action_stops_every_worker_after_the_same_step():
-    from job.schedule import budget_action
+    from job.training.schedule import budget_action
 
     assert budget_action(False, 10.0, 60.0, world=2) is None
     assert budget_action(False, 61.0, 60.0, world=1) == "stop"  # alone: stop now
@@ -70,7 +70,7 @@ def test_budget_action_stops_every_worker_after_the_same_step():
 
 
 def test_step_events_fall_on_their_steps_inside_an_epoch_only():
-    from job.schedule import step_event
+    from job.training.schedule import step_event
 
     assert step_event(20, True, eval_every=20, checkpoint_every=10) == "evaluate"  # an evaluation checkpoints too
     assert step_event(30, True, eval_every=20, checkpoint_every=10) == "checkpoint"

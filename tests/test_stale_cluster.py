@@ -20,7 +20,7 @@ from e2e_helpers import wait_until_gone
 from textgen import story
 from tiny import EXACT
 
-from job import storage
+from job.core import storage
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {**EXACT, "epochs": 2}

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from job import storage
-from job.errors import UserError
+from job.core import storage
+from job.core.errors import UserError
 
 # ----------------------------------------------------------------------------------------- URL helpers
 
@@ -479,7 +479,7 @@ def test_access_denied_is_user_error(iam_s3, monkeypatch):
 
 def test_directory_markers_are_not_files(s3_server, s3_prefix):
     """pyarrow (Ray's checkpoint writer) creates `dir/` marker objects; listings must skip them."""
-    from job import storage
+    from job.core import storage
 
     bucket, key = s3_prefix[len("s3://"):].split("/", 1)
     client = s3_server.client()

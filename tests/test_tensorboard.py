@@ -10,10 +10,11 @@ import pytest
 import textgen
 from tiny import TINY
 
-from job import checkpoint, storage
-from job.config import PRESETS, TrainConfig
-from job.tensorboard import EVENT_PREFIX, Board
-from job.worker import train_func
+from job.core import storage
+from job.core.config import PRESETS, TrainConfig
+from job.model import checkpoint
+from job.training.tensorboard import EVENT_PREFIX, Board
+from job.training.worker import train_func
 
 SCALARS = {"train/loss", "train/chars_per_sec", "train/learning_rate", "heldout/loss_nats", "heldout/bits_per_char"}
 
@@ -155,7 +156,7 @@ def test_ctrl_c_still_puts_the_events_in_the_output(tiny_corpus, tmp_path, monke
         if calls["n"] == 5:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr("job.worker.check_interrupt", interrupt_at_the_fifth_call)
+    monkeypatch.setattr("job.training.worker.check_interrupt", interrupt_at_the_fifth_call)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         train_func(make_cfg(tiny_corpus, out).to_dict())

@@ -19,7 +19,7 @@ import textgen
 import yaml
 from tiny import EXACT
 
-from job.config import PRESETS, TrainConfig
+from job.core.config import PRESETS, TrainConfig
 
 pytestmark = pytest.mark.e2e
 
@@ -80,7 +80,7 @@ def test_two_workers_through_ray_job_submit(ray_cluster, s3_server, job_inputs, 
     for key in rank0.files:
         np.testing.assert_array_equal(rank0[key], rank1[key])
     # ...and the run follows a 1-worker run at the same global batch.
-    from job.worker import train_func
+    from job.training.worker import train_func
 
     single_out = tmp_path / "single"
     single = TrainConfig(**{**PRESETS["default"], **TINY, "preset": "default", "corpus": corpus,
@@ -109,8 +109,8 @@ def test_two_workers_through_ray_job_submit(ray_cluster, s3_server, job_inputs, 
 
 def _steps_in_first_epoch(corpus_url: str, global_batch: int) -> int:
     """Steps of epoch 1 of a default-preset run on TINY settings (default seed), from the job's own code."""
-    from job import corpus as corpus_lib
-    from job import data
+    from job.data import corpus as corpus_lib
+    from job.data import windows as data
 
     cfg = TrainConfig(**{**PRESETS["default"], **TINY, "output": "unused"})
     split = corpus_lib.split_point(len(corpus_lib.load(corpus_url).text), cfg.val_fraction)
@@ -135,7 +135,7 @@ def test_worker_crash_resumes_from_checkpoint(ray_cluster, s3_server, job_inputs
     assert f"resumed from checkpoint: epoch 1, step 0 of the next epoch, global step {steps}" in result.logs, \
         result.logs[-3000:]
     assert [m["epoch"] for m in metrics_lines(s3_server, out)] == [1, 2, 3]
-    from job import export
+    from job.model import export
 
     loaded = export.load(out)
     assert loaded.config["epoch"] >= 1 and loaded.config["workers"] == 2
@@ -143,7 +143,8 @@ def test_worker_crash_resumes_from_checkpoint(ray_cluster, s3_server, job_inputs
 
 def _newest_checkpoint(out: str, run: str) -> dict | None:
     """The progress record of the newest complete checkpoint of `run` under `out`, or None."""
-    from job import session, storage
+    from job.core import storage
+    from job.training import session
 
     found = session.complete_checkpoints(f"{out}/checkpoints/{run}")
     if not found:
@@ -200,7 +201,7 @@ def test_worker_sigkilled_mid_epoch_resumes_from_latest_checkpoint(ray_cluster, 
         assert (epoch, step_in_epoch) == (at_kill["epoch"], at_kill["step_in_epoch"]), (resumed, at_kill)
     lines = metrics_lines(s3_server, out)
     assert [m["epoch"] for m in lines] == list(range(1, epochs + 1))
-    from job import export
+    from job.model import export
 
     loaded = export.load(out)
     assert loaded.config["workers"] == 2 and loaded.config["epoch"] >= 1

@@ -10,10 +10,11 @@ import pytest
 import textgen
 from tiny import TINY
 
-from job import corpus, export
-from job.config import PRESETS, TrainConfig
-from job.evaluate import evaluate
-from job.worker import train_func
+from job.core.config import PRESETS, TrainConfig
+from job.data import corpus
+from job.model import export
+from job.model.scoring import evaluate
+from job.training.worker import train_func
 
 TINY = {**TINY, "units": [24, 24]}
 
@@ -45,7 +46,7 @@ class Watched:
 def watch(monkeypatch, capsys):
     """`watch(cfg)` runs train_func(cfg) and returns a Watched. Training is deterministic, so a run that restarted
     from scratch would often end exactly as a resumed one does: a resume test must also ask where it started."""
-    from job import worker
+    from job.training import worker
 
     calls: list[tuple[int, int]] = []
     real = worker.Trainer._train_steps
@@ -204,7 +205,8 @@ def test_weight_average_is_evaluated_and_exported_while_training_continues_from_
 
 
 def test_loss_plot_is_drawn_at_most_every_interval_and_at_the_last_evaluation(tiny_corpus, tmp_path, monkeypatch):
-    from job import report, worker
+    from job.core import report
+    from job.training import worker
 
     drawn = []
     monkeypatch.setattr(worker, "PLOT_EVERY_SECONDS", 3600.0)  # longer than the run on any machine
@@ -270,7 +272,7 @@ def test_regularisers_and_learning_rate_decay_on_plateau(tiny_corpus, tmp_path):
 
 
 def test_anneal_factor_is_flat_then_a_half_cosine_to_zero():
-    from job.schedule import anneal_factor
+    from job.training.schedule import anneal_factor
 
     assert anneal_factor(0.9, 0.0) == 1.0
     assert anneal_factor(0.0, 0.3) == anneal_factor(0.7, 0.3) == 1.0
@@ -330,7 +332,7 @@ def test_step_evaluations_progress_lines_and_capped_heldout(tiny_corpus, tmp_pat
 
 
 def test_rare_characters_map_to_one_unknown_id_that_generation_never_emits(tmp_path):
-    from job.sample import Sampler
+    from job.model.sample import Sampler
 
     text = textgen.story(6000, seed=5)
     rare = text[:1500] + "ǂ" + text[1500:3000] + "жж" + text[3000:]  # seen once and twice

@@ -6,7 +6,7 @@ import os
 import socket
 import time
 
-from job.errors import UserError, install_sigterm_handler
+from job.core.errors import UserError, install_sigterm_handler
 
 _GCS_PORT_VAR = "RAY_GCS_SERVER_PORT"
 _LOOPBACK = "127.0.0.1"

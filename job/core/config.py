@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from job import schema
-from job.errors import UserError
+from job.core import schema
+from job.core.errors import UserError
 
 # Project Gutenberg book 11, plain-text UTF-8 (the tutorial's corpus).
 DEFAULT_CORPUS_URL = "https://www.gutenberg.org/cache/epub/11/pg11.txt"
@@ -210,7 +210,7 @@ class TrainConfig:
     @property
     def data_url(self) -> str:
         """Where the prepared dataset lives: --dataset, or <output>/data."""
-        from job import storage
+        from job.core import storage
 
         return self.dataset or storage.join(self.output, "data")
 
@@ -335,7 +335,7 @@ def _preset_in(argv: list[str] | None) -> str:
 
 def _read_config_file(path: str) -> dict[str, Any]:
     # Imported here so the parser stays import-light.
-    from job import storage
+    from job.core import storage
 
     try:
         text = storage.read_text(path)
@@ -375,7 +375,7 @@ def load_train_config(argv: list[str] | None = None) -> TrainConfig:
     init_from = flags.get("init_from") or from_file.get("init_from")
     parent = inherited = None
     if init_from:
-        from job import finetune
+        from job.model import finetune
 
         parent = finetune.find_parent(init_from)
         inherited = finetune.inherited_settings(parent)
@@ -397,7 +397,7 @@ def load_train_config(argv: list[str] | None = None) -> TrainConfig:
         cfg.corpus = DEFAULT_CORPUS_URL
     cfg.validate()
     if parent is not None:
-        from job import finetune
+        from job.model import finetune
 
         changes = finetune.shape_changes(parent, cfg.to_dict())
         if changes:

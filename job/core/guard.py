@@ -29,8 +29,8 @@ from typing import Any
 
 import psutil
 
-from job import storage
-from job.errors import UserError
+from job.core import storage
+from job.core.errors import UserError
 
 LEASE_FILE = ".lease.json"
 IDENTITY_FILE = "output.json"

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from typing import Any
 
-from job import storage
+from job.core import storage
 
 
 def format_seconds(seconds: float) -> str:

@@ -35,7 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from job.errors import UserError
+from job.core.errors import UserError
 
 if TYPE_CHECKING:
     import pyarrow.fs

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from job.errors import UserError
+from job.core.errors import UserError
 
 # Both the current and the older Project Gutenberg markers. The start line is dropped with
 # everything above it; the first end marker after it is dropped with everything below it.
@@ -210,7 +210,7 @@ class Corpus:
 
 def load(url: str, lowercase: bool = True) -> Corpus:
     """Read, decode and clean a corpus from any URL storage understands."""
-    from job import storage
+    from job.core import storage
 
     data = storage.read_bytes(url)
     if not data.strip():

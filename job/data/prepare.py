@@ -46,10 +46,10 @@ from typing import Any
 
 import numpy as np
 
-from job import corpus as corpus_lib
-from job import storage
-from job.corpus import Vocab
-from job.errors import UserError, run_cli
+from job.core import storage
+from job.core.errors import UserError, run_cli
+from job.data import corpus as corpus_lib
+from job.data.corpus import Vocab
 
 FORMAT = "charlstm-dataset"
 FORMAT_VERSION = 1
@@ -138,7 +138,7 @@ def _listing(url: str, exclude: Iterable[str] = ()) -> tuple[list[Source], list[
 def _charlstm_folders(entries: list[dict], exclude: Iterable[str]) -> set[str]:
     """Normalised prefixes ("…/", see _norm) of the charlstm locations among a listing: the ones given, and every
     folder holding a dataset (meta.json beside train.bin and val.bin) or an output record (our output.json)."""
-    from job import guard
+    from job.core import guard
 
     urls = [_norm(e["url"]) for e in entries]
     prefixes = {_norm(u).rstrip("/") + "/" for u in exclude if u}
@@ -813,7 +813,7 @@ class Progress:
 
 def progress_line(what: str, unit: str, done: int, total: int | None, elapsed: float) -> str:
     """E.g. "preparing s3://b/books/: read 1.2 GB of 10.0 GB (12%), 95 MB/s, eta 1:33"."""
-    from job.report import format_seconds
+    from job.core.report import format_seconds
 
     rate = done / max(elapsed, 1e-9)
     line = f"preparing {what}: {unit} {_gb(done)}"
@@ -1163,7 +1163,7 @@ def prepare(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fra
             vocab = Vocab.from_counts(counts, resolved)
             rare = (counts > 0) & (counts < resolved)
         else:
-            from job import finetune
+            from job.model import finetune
 
             vocab, added = finetune.extended_vocab(base_vocab, counts, resolved, new_to_unknown)
             known = np.zeros(len(counts), bool)
@@ -1357,7 +1357,7 @@ def ensure(corpus_url: str, output_url: str, *, lowercase: bool = True, val_frac
     verified), else prepared now. A dataset of another corpus or other options is never prepared over unless
     `force`: it is refused in one line naming the difference. Either way `validate(meta)` (see prepare) accepts
     it first. Holds the dataset's lease throughout (waiting for another preparer of the same location)."""
-    from job import guard
+    from job.core import guard
 
     options = make_options(lowercase, val_fraction, min_char_count, skip_bad_files, base_vocab, new_to_unknown)
     storage.check_writable(output_url)
@@ -1498,6 +1498,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from job import prepare  # by its name: child processes find what it defines (e.g. _clean_in_child) there
+    from job.data import prepare  # by its name: child processes find what it defines (e.g. _clean_in_child) there
 
     sys.exit(run_cli(prepare.main))

@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 
-from job import storage
-from job.corpus import Vocab
-from job.errors import UserError
+from job.core import storage
+from job.core.errors import UserError
+from job.data.corpus import Vocab
 
 SEED_BLOCK = 65536  # seeds decoded at a time
 

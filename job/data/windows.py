@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from job.errors import UserError
+from job.core.errors import UserError
 
 
 def _rng(seed: int, epoch: int) -> np.random.Generator:

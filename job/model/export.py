@@ -13,9 +13,9 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from job import storage
-from job.corpus import Vocab
-from job.errors import UserError
+from job.core import storage
+from job.core.errors import UserError
+from job.data.corpus import Vocab
 
 MODEL_FILE = "model.keras"
 VOCAB_FILE = "vocab.json"

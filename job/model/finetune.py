@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from job import storage
-from job.corpus import UNKNOWN_CHAR, Vocab
-from job.errors import UserError
+from job.core import storage
+from job.core.errors import UserError
+from job.data.corpus import UNKNOWN_CHAR, Vocab
 
 # Settings that decide a weight's shape (with the vocabulary): taken from the parent, never overridden.
 SHAPE_SETTINGS = ("input_mode", "embed_dim", "units")
@@ -45,7 +45,7 @@ class Parent:
 
 def find_parent(url: str) -> Parent:
     """The model or checkpoint at `url` (a training --output, its model/ folder, or a checkpoint folder)."""
-    from job import checkpoint, export
+    from job.model import checkpoint, export
 
     progress_url = storage.join(url, checkpoint.PROGRESS)
     if storage.exists(progress_url) and storage.exists(storage.join(url, checkpoint.VARIABLES)):
@@ -153,16 +153,16 @@ def check_case(parent: Parent, keep_case: bool, new_to_unknown: bool) -> str | N
 def _parent_layers(parent: Parent) -> dict[str, list[np.ndarray]]:
     """The parent's weights by layer name."""
     if parent.kind == "model":
-        from job import export
+        from job.model import export
 
         model = export.load(parent.url).model
     else:
         import shutil
         import tempfile
 
-        from job import checkpoint
-        from job import model as model_lib
-        from job.config import TrainConfig
+        from job.core.config import TrainConfig
+        from job.model import checkpoint
+        from job.model import model as model_lib
 
         model = model_lib.build(TrainConfig.from_dict(parent.config), len(parent.vocab))
         tmp = tempfile.mkdtemp(prefix="charlstm-parent-")

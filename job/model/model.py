@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from job.config import TrainConfig
+from job.core.config import TrainConfig
 
 
 def lstm_name(i: int) -> str:

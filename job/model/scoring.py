@@ -14,10 +14,10 @@ import tempfile
 
 import numpy as np
 
-from job import corpus as corpus_lib
-from job import data
-from job.config import TrainConfig
-from job.errors import UserError, run_cli
+from job.core.config import TrainConfig
+from job.core.errors import UserError, run_cli
+from job.data import corpus as corpus_lib
+from job.data import windows
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,10 +32,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def heldout_windows(cfg: TrainConfig, ids: np.ndarray, split: int) -> data.HeldOut:
+def heldout_windows(cfg: TrainConfig, ids: np.ndarray, split: int) -> windows.HeldOut:
     if cfg.target == "all":
-        return data.heldout_all_positions(ids, split)
-    return data.heldout_last_position(ids, split, cfg.seq_len)
+        return windows.heldout_all_positions(ids, split)
+    return windows.heldout_last_position(ids, split, cfg.seq_len)
 
 
 class HeldOutScorer:
@@ -44,7 +44,7 @@ class HeldOutScorer:
     def __init__(self, cfg: TrainConfig, model, vocab_size: int, batch_size: int = 256):
         import tensorflow as tf
 
-        from job import model as model_lib
+        from job.model import model as model_lib
 
         self.batch_size = batch_size
 
@@ -54,7 +54,7 @@ class HeldOutScorer:
 
         self._batch_loss = tf.function(batch_loss, reduce_retracing=True)
 
-    def __call__(self, held: data.HeldOut) -> float:
+    def __call__(self, held: windows.HeldOut) -> float:
         total, chars = 0.0, 0.0
         for x, y, mask in held.batches(self.batch_size):  # bounded memory, whatever the held-out size
             total += float(self._batch_loss(x, y, mask))
@@ -91,7 +91,7 @@ def id_table(source: corpus_lib.Vocab, target: corpus_lib.Vocab) -> np.ndarray |
 def score_dataset(model, cfg: TrainConfig, vocab: corpus_lib.Vocab, ds, batch_size: int = 256) -> dict:
     table = id_table(ds.vocab, vocab)
     val = ds.val if table is None else _Mapped(ds.val, table)
-    held = data.heldout(val, ds.val_segments, cfg.target, cfg.seq_len)
+    held = windows.heldout(val, ds.val_segments, cfg.target, cfg.seq_len)
     loss = HeldOutScorer(cfg, model, len(vocab), batch_size)(held)
     return {"loss_nats": loss, "bits_per_char": loss / np.log(2), "chars": held.chars}
 
@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
     if args.dataset and args.corpus:
         raise UserError("give --dataset or --corpus, not both")
-    from job import export, prepare, report
+    from job.core import report
+    from job.data import prepare
+    from job.model import export
 
     report.import_tensorflow(args.verbose)  # before Keras: TensorFlow's start-up notices dropped unless --verbose
     exported = export.load(args.model)

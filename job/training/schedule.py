@@ -71,7 +71,7 @@ class ProgressTicker:
 
 def progress_line(progress: Any, epochs: int, steps_in_epoch: int, total_steps: int, interval: Interval,
                   budget_sec: float) -> str:
-    from job.report import format_seconds
+    from job.core.report import format_seconds
 
     p = progress
     return (f"step {p.global_step:,}  epoch {p.epoch + 1}/{epochs} ({100 * p.step_in_epoch / steps_in_epoch:.0f}%)  "

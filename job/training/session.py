@@ -19,10 +19,10 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from job import guard, storage
-from job.checkpoint import PROGRESS, VARIABLES
-from job.config import TrainConfig
-from job.errors import UserError
+from job.core import guard, storage
+from job.core.config import TrainConfig
+from job.core.errors import UserError
+from job.model.checkpoint import PROGRESS, VARIABLES
 
 
 def checkpoint_root(cfg: TrainConfig) -> str:
@@ -113,11 +113,11 @@ def record_run(cfg: TrainConfig) -> None:
 
 def _corpus_changed(cfg: TrainConfig) -> bool:
     """The run's prepared dataset no longer describes the corpus listing (read-only: listing and meta.json)."""
-    from job import prepare
+    from job.data import prepare
 
     if prepare.read_meta(cfg.data_url) is None:
         return False  # nothing to compare with: the dataset is prepared anew and the vocabulary checked on restore
-    from job import finetune
+    from job.model import finetune
 
     base = finetune.find_parent(cfg.init_from).vocab if cfg.init_from else None
     options = prepare.make_options(not cfg.keep_case, cfg.val_fraction, cfg.min_char_count, cfg.skip_bad_files,

@@ -22,8 +22,8 @@ import tempfile
 import uuid
 from typing import Any
 
-from job import storage
-from job.config import TrainConfig
+from job.core import storage
+from job.core.config import TrainConfig
 
 EVENT_PREFIX = "events.out.tfevents."
 CONFIG_TAG = "config"

@@ -21,12 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from job import checkpoint, data, report, storage
-from job.config import EXPORTED_SETTINGS, TrainConfig
-from job.corpus import Vocab
-from job.errors import UserError, check_interrupt, deferred_interrupts
-from job.evaluate import HeldOutScorer
-from job.schedule import (
+from job.core import report, storage
+from job.core.config import EXPORTED_SETTINGS, TrainConfig
+from job.core.errors import UserError, check_interrupt, deferred_interrupts
+from job.data import windows as data
+from job.data.corpus import Vocab
+from job.model import checkpoint
+from job.model.scoring import HeldOutScorer
+from job.training.schedule import (
     ProgressTicker,
     anneal_factor,
     budget_action,
@@ -36,8 +38,8 @@ from job.schedule import (
     step_event,
     steps_in_next_call,
 )
-from job.session import RunAborted, Session, detect_session
-from job.tensorboard import Board
+from job.training.session import RunAborted, Session, detect_session
+from job.training.tensorboard import Board
 
 
 @dataclass
@@ -125,7 +127,8 @@ def ensure_dataset(cfg: TrainConfig, log=print) -> dict[str, Any]:
     """The prepared dataset for this corpus and these options: reused when <dataset> holds it, else made there
     (job.prepare; streams the raw files once). Returns its meta. A dataset too short for one global batch or
     for the held-out protocol is refused before anything is written."""
-    from job import finetune, prepare
+    from job.data import prepare
+    from job.model import finetune
 
     parent = finetune.find_parent(cfg.init_from) if cfg.init_from else None
     if parent is not None and (note := finetune.check_case(parent, cfg.keep_case, cfg.vocab_from_init)):
@@ -201,7 +204,7 @@ def _replica_step(cfg: TrainConfig, model, opt, vocab_size: int, global_batch: i
     """One optimizer step on one replica: gradients all-reduced, then clipped on the *global* gradient."""
     import tensorflow as tf
 
-    from job import model as model_lib
+    from job.model import model as model_lib
 
     fp16 = cfg.precision == "mixed_float16"
 
@@ -390,7 +393,7 @@ class Trainer:
         self._build()
         resumed = self._resume()
         if cfg.init_from:
-            from job import finetune
+            from job.model import finetune
 
             self.parent = finetune.find_parent(cfg.init_from)
             if not resumed:  # a resumed fine-tuning run continues from its own checkpoint
@@ -431,7 +434,7 @@ class Trainer:
     def _prepare_data(self) -> None:
         """Memory-map the prepared dataset (the driver prepared it, job.prepare): no worker holds the corpus as
         a string or a tensor, and only the pages a step touches become resident."""
-        from job import prepare
+        from job.data import prepare
 
         cfg = self.cfg
         ds = prepare.open_local(cfg.data_url)
@@ -446,7 +449,7 @@ class Trainer:
     def _build(self) -> None:
         import keras
 
-        from job import model as model_lib
+        from job.model import model as model_lib
 
         cfg = self.cfg
         if cfg.precision != "float32":
@@ -492,7 +495,7 @@ class Trainer:
             self._set_learning_rate(self.progress.learning_rate)
 
     def _zero_states(self) -> list:
-        from job import model as model_lib
+        from job.model import model as model_lib
 
         return model_lib.zero_states(self.model, self.per_worker) if self.cfg.stateful else []
 
@@ -621,7 +624,7 @@ class Trainer:
         return False
 
     def _sample_text(self) -> str:
-        from job.sample import Sampler
+        from job.model.sample import Sampler
 
         if self.sampler is None:  # one short sample per evaluation: not worth an XLA compile
             self.sampler = Sampler(self.model, self.cfg.input_mode, len(self.vocab), self.cfg.seq_len,
@@ -631,7 +634,7 @@ class Trainer:
         return self.vocab.decode(out[0])
 
     def _write_outputs(self, improved: bool, sample_name: str) -> None:
-        from job import export
+        from job.model import export
 
         cfg, p, out = self.cfg, self.progress, self.cfg.output
         report.write_metrics(out, p.history)
