@@ -17,8 +17,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# Module names (file stems) of our packages, read from the repository so new modules count at once.
-OUR_MODULES = {pkg: frozenset(p.stem for p in (REPO / pkg).glob("*.py")) for pkg in ("job", "infra")}
+# Module names (file stems) of our packages and sub-packages (job/core/, job/data/, ...), keyed by the package's
+# folder path, read from the repository so new modules count at once.
+OUR_MODULES = {
+    tuple(folder.relative_to(REPO).parts): frozenset(p.stem for p in folder.glob("*.py"))
+    for top in ("job", "infra") for folder in (REPO / top, *(d.parent for d in (REPO / top).rglob("*/__init__.py")))
+}
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # Ray's per-process prefix on forwarded lines: "(RayTrainWorker pid=12)", "(pid=12, ip=10.0.0.1)", "(raylet)".
@@ -28,19 +32,21 @@ _HEADER = re.compile(r"Traceback \(most recent call last\)|^ray::")
 
 
 def is_our_file(path: str) -> bool:
-    """True for <anything>/job/<module>.py or <anything>/infra/<module>.py of this repository's modules,
-    wherever the code runs from (the repo, site-packages/job/, or Ray's working-dir copy under /tmp/ray/...);
-    never for Ray's own files such as .../site-packages/ray/dashboard/modules/job/job_manager.py."""
+    """True for <anything>/job/[<sub-package>/]<module>.py or <anything>/infra/<module>.py of this repository's
+    modules, wherever the code runs from (the repo, site-packages/job/, or Ray's working-dir copy under
+    /tmp/ray/...); never for Ray's own files such as .../site-packages/ray/dashboard/modules/job/job_manager.py."""
     p = path.replace("\\", "/")
     if any(ray_dir in p for ray_dir in ("/site-packages/ray/", "/dist-packages/ray/", "/python/ray/")):
         return False
     parts = p.split("/")
     if len(parts) < 2 or not parts[-1].endswith(".py"):
         return False
-    package, module = parts[-2], parts[-1][:-3]
-    if package not in OUR_MODULES or module not in OUR_MODULES[package]:
-        return False
-    return not (len(parts) >= 3 and parts[-3] == "modules")  # ray/dashboard/modules/job/*.py
+    module = parts[-1][:-3]
+    for package, modules in OUR_MODULES.items():
+        n = len(package)
+        if tuple(parts[-1 - n:-1]) == package and module in modules:
+            return not (len(parts) >= n + 2 and parts[-2 - n] == "modules")  # ray/dashboard/modules/job/*.py
+    return False
 
 
 def _plain_lines(text: str) -> list[str]:

@@ -87,7 +87,7 @@ OURS = """\
 epoch   1/2  loss 3.1
 (RayTrainWorker pid=777) Traceback (most recent call last):
 (RayTrainWorker pid=777)   File "/tmp/ray/session_2025/runtime_resources/working_dir_files/_ray_pkg_abc/job/\
-worker.py", line 301, in train_func
+training/worker.py", line 301, in train_func
 (RayTrainWorker pid=777)     self.run_epoch()
 (RayTrainWorker pid=777) ValueError: bad shape
 final line
@@ -104,7 +104,7 @@ def test_a_traceback_through_our_code_fails_and_shows_the_block():
     with pytest.raises(AssertionError) as failure:
         assert_no_traceback_from_our_code(RAY_INTERNAL + OURS)
     message = str(failure.value)
-    assert "_ray_pkg_abc/job/worker.py" in message and "ValueError: bad shape" in message
+    assert "_ray_pkg_abc/job/training/worker.py" in message and "ValueError: bad shape" in message
     assert "PlacementGroupCleaner" not in message and "final line" not in message
     [block] = tracebacks_from_our_code(OURS)
     assert block.startswith("Traceback (most recent call last):") and block.endswith("ValueError: bad shape")
@@ -112,18 +112,18 @@ def test_a_traceback_through_our_code_fails_and_shows_the_block():
 
 def test_ray_remote_error_without_a_traceback_header_counts_too():
     text = ('\x1b[36m(RayTrainWorker pid=9)\x1b[0m ray::RayTrainWorker.run() (pid=9, ip=127.0.0.1)\n'
-            '\x1b[36m(RayTrainWorker pid=9)\x1b[0m   File "/srv/app/job/data.py", line 3, in shard\n'
+            '\x1b[36m(RayTrainWorker pid=9)\x1b[0m   File "/srv/app/job/data/windows.py", line 3, in shard\n'
             '\x1b[36m(RayTrainWorker pid=9)\x1b[0m ValueError: x\n')
     [block] = tracebacks_from_our_code(text)
-    assert block.startswith("ray::RayTrainWorker.run()") and "job/data.py" in block
+    assert block.startswith("ray::RayTrainWorker.run()") and "job/data/windows.py" in block
 
 
 @pytest.mark.parametrize("path, ours", [
-    ("/work/main/job/worker.py", True),
-    ("/tmp/ray/session_x/runtime_resources/working_dir_files/_ray_pkg_abc/job/worker.py", True),
+    ("/work/main/job/training/worker.py", True),
+    ("/tmp/ray/session_x/runtime_resources/working_dir_files/_ray_pkg_abc/job/training/worker.py", True),
     ("/venv/lib/python3.11/site-packages/job/train.py", True),  # a non-editable install of ours
     ("/work/main/infra/localstack.py", True),
-    ("job/storage.py", True),
+    ("job/core/storage.py", True),
     ("/venv/lib/python3.11/site-packages/ray/dashboard/modules/job/job_manager.py", False),
     ("/opt/ray/dashboard/modules/job/common.py", False),
     ("/src/ray/python/ray/job/train.py", False),
