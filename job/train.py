@@ -1,4 +1,6 @@
-"""`python -m job.train`: the training job. A thin Ray Train launcher around job.worker.train_func.
+"""`python -m job.train`: the training job. Its flags (load_train_config: preset < a parent's settings < config file
+< flags), the driver's checks before any cluster (preflight), then the Ray Train launcher around
+job.training.worker.train_func (job.cluster.launch), or that function in this process with --in-process.
 
 Under `ray job submit` (or with RAY_ADDRESS set) it joins that cluster; otherwise it starts a
 local Ray instance, so the same command works on a laptop, a Ray cluster and a KubeRay RayJob.
@@ -6,29 +8,105 @@ local Ray instance, so the same command works on a laptop, a Ray cluster and a K
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
-import signal
 import sys
 from typing import Any
 
+import yaml
+
 from job.cluster import capacity
-from job.core import guard, report, storage
-from job.core.config import TrainConfig, load_train_config
+from job.cluster.launch import launch_ray
+from job.core import guard, report, schema, storage
+from job.core.config import DEFAULT_CORPUS_URL, PRESETS, TrainConfig, parse_workers, train_parser
 from job.core.errors import UserError, run_cli
 from job.data import prepare
+from job.model import finetune
+from job.training.session import record_run, refuse_mixed_runs
+from job.training.worker import ensure_dataset, train_func
+
+
+def _preset_in(argv: list[str] | None) -> str:
+    """The --preset on the command line (for --help's defaults); `default` when none or an unknown one."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    found = pre.parse_known_args(argv)[0].preset
+    return found if found in PRESETS else "default"
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    try:
+        text = storage.read_text(path)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported to the user as one line
+        raise UserError(f"cannot read config file {path}: {exc}") from None
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"config file {path} is not valid YAML/JSON ({first}); fix its syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise UserError(f"config file {path}: unknown setting {key!r}; see python -m job.train --help")
+        out[name] = value
+    return out
+
+
+def load_train_config(argv: list[str] | None = None) -> TrainConfig:
+    """Parse flags (and an optional config file) into a validated TrainConfig."""
+    args = train_parser(_preset_in(argv)).parse_args(argv)
+    flags = schema.given(args, TrainConfig)
+    from_file = _read_config_file(args.config) if args.config else {}
+    init_from = flags.get("init_from") or from_file.get("init_from")
+    parent = inherited = None
+    if init_from:
+        parent = finetune.find_parent(init_from)
+        inherited = finetune.inherited_settings(parent)
+    preset = flags.get("preset") or from_file.get("preset") or (inherited or {}).get("preset") or "default"
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    if inherited and inherited.get("preset", preset) != preset:  # another preset: only its shape is compared
+        inherited = {k: inherited[k] for k in ("learning_rate", "lr_patience")}
+    # Precedence: preset < the parent's settings (fine-tuning) < config file < flags.
+    merged: dict[str, Any] = {"preset": preset, **PRESETS[preset], **(inherited or {}), **from_file, **flags}
+    if "num_workers" in merged:
+        merged["min_workers"], merged["num_workers"] = parse_workers(merged["num_workers"])
+    try:
+        cfg = TrainConfig(**merged)
+    except TypeError as exc:
+        raise UserError(f"invalid settings: {exc}") from None
+    schema.coerce(cfg, UserError)
+    if cfg.corpus is None:
+        cfg.corpus = DEFAULT_CORPUS_URL
+    cfg.validate()
+    if parent is not None:
+        changes = finetune.shape_changes(parent, cfg.to_dict())
+        if changes:
+            raise UserError(f"--init-from {parent.url} cannot start a model of another shape: {'; '.join(changes)}; "
+                            "drop the settings that change it (the parent's are the defaults), or train from scratch")
+    return cfg
 
 
 def preflight(cfg: TrainConfig) -> dict[str, Any]:
-    """Before any training, in this order (main has checked that --output is writable and taken its lease):
-    --output must hold this run or nothing (job.session.refuse_mixed_runs); the corpus must list and the dataset
+    """Before any training, in this order (main has checked that --output is writable and taken its lease): --output
+    must hold this run or nothing (job.training.session.refuse_mixed_runs); the corpus must list and the dataset
     location take files, both before any Ray starts; under Ray, the cluster must be able to fit the workers (or be
-    able to grow: job.cluster); then the prepared dataset must exist for this corpus and these options (made here
-    once, streaming the raw files; reused on resubmission and resume, so workers never read raw text) and be long
-    enough for one batch and the held-out protocol; last, a growing cluster is waited for (bounded). A refusal
-    before the dataset step leaves --output as it was."""
-    from job.training.session import record_run, refuse_mixed_runs
-    from job.training.worker import ensure_dataset
-
+    able to grow: job.cluster.capacity); then the prepared dataset must exist for this corpus and these options
+    (made here once, streaming the raw files; reused on resubmission and resume, so workers never read raw text) and
+    be long enough for one batch and the held-out protocol; last, a growing cluster is waited for (bounded). A
+    refusal before the dataset step leaves --output as it was."""
     record = refuse_mixed_runs(cfg)
     # Everything that can be checked without a cluster, before one starts: a typo costs a second, not Ray's start.
     prepare.list_sources(cfg.corpus, (cfg.output, cfg.data_url))
@@ -36,97 +114,15 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     wait = 0.0
     if not cfg.in_process:
         capacity.connect(cfg.num_workers, cfg.cpus_per_worker)
-        wait = capacity.check_capacity(cfg.worker_counts[0], cfg.cpus_per_worker, cfg.use_gpu, cfg.capacity_wait_minutes)
+        wait = capacity.check_capacity(cfg.worker_counts[0], cfg.cpus_per_worker, cfg.use_gpu,
+                                       cfg.capacity_wait_minutes)
     meta = ensure_dataset(cfg, log=lambda line: print(line, flush=True))
     if record is None:
         record_run(cfg)
     # After the dataset: preparing a large corpus and an autoscaler bringing nodes up both take minutes.
     capacity.wait_for_capacity(cfg.worker_counts[0], cfg.cpus_per_worker, cfg.use_gpu, wait,
-                              log=lambda line: print(line, flush=True))
+                               log=lambda line: print(line, flush=True))
     return meta
-
-
-def launch_ray(cfg: TrainConfig) -> dict[str, Any]:
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
-    from job.cluster.backend import MirroredConfig
-    from job.training.worker import train_func
-
-    filesystem, path = storage.pyarrow_filesystem(storage.join(cfg.output, "checkpoints"))
-    resources = {"CPU": cfg.cpus_per_worker}
-    trainer = DataParallelTrainer(  # Ray's TensorflowTrainer, minus TensorFlow in this process (job/backend.py)
-        train_func,
-        backend_config=MirroredConfig(),
-        train_loop_config={**cfg.to_dict(), "_in_ray": True},
-        scaling_config=ScalingConfig(
-            num_workers=(cfg.min_workers, cfg.num_workers) if cfg.elastic else cfg.num_workers,
-            use_gpu=cfg.use_gpu, resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
-        run_config=RunConfig(
-            name=cfg.run,
-            storage_path=path,
-            storage_filesystem=filesystem,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.checkpoints_to_keep,
-                checkpoint_score_attribute="val_loss",
-                checkpoint_score_order="min",
-            ),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            # Ray Train's INFO lines (every report, every worker-group step) say less than our own lines.
-            logging_config=LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
-        ),
-    )
-    try:
-        result = _fit_interruptibly(trainer)
-        if result.error:
-            raise result.error
-    except Exception as exc:
-        user_error = _user_error_in(exc)
-        if user_error is None:
-            raise
-        raise user_error from None
-    return result.return_value or {}
-
-
-def _user_error_in(error: BaseException) -> UserError | None:
-    """A UserError a worker raised (damaged data, no checkpoint that loads), found inside Ray Train's wrappers
-    (WorkerGroupError.worker_failures, ControllerError, RayTaskError.cause, exception chains): one line for the
-    user, as the driver's own refusals are."""
-    seen, todo = set(), [error]
-    while todo:
-        exc = todo.pop(0)
-        if exc is None or id(exc) in seen:
-            continue
-        seen.add(id(exc))
-        if isinstance(exc, UserError):
-            cause = getattr(exc, "cause", None)  # Ray's RayTaskError posing as the worker's exception class
-            text = str(cause if isinstance(cause, UserError) else exc).strip().splitlines()
-            return UserError(text[-1] if text else type(exc).__name__)
-        todo += list(getattr(exc, "worker_failures", {}).values())
-        todo += [getattr(exc, "controller_failure", None), getattr(exc, "cause", None), exc.__cause__,
-                 exc.__context__]
-    return None
-
-
-def _fit_interruptibly(trainer):
-    """trainer.fit(), with Ctrl-C meaning "stop the run" and exiting like any interrupted CLI (130).
-
-    Ray Train (V2) installs its own SIGINT handler for the duration of fit(): the first Ctrl-C asks the
-    controller to abort, which stops every worker, and the handler then calls sys.exit(0) from inside fit();
-    left alone, the driver ended with status 1 and no word on why. Turn that SystemExit into
-    KeyboardInterrupt (run_cli: "interrupted", exit 130), and put the previous handler back so that a later
-    Ctrl-C does not reach a dead controller. (`ray job stop` sends SIGTERM instead; Ray then ends the job's
-    actors with the driver.)
-    """
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        return trainer.fit()
-    except SystemExit as exc:
-        if signal.getsignal(signal.SIGINT) is previous:
-            raise  # not Ray Train's handler: leave it alone
-        raise KeyboardInterrupt from exc
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,8 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     with guard.Lease(cfg.output, f"training run {cfg.run!r}", log=lambda line: print(line, flush=True)):
         preflight(cfg)
         if cfg.in_process:
-            from job.training.worker import train_func
-
             final = train_func({**cfg.to_dict(), "_dataset_ready": True})
         else:
             final = launch_ray(cfg)

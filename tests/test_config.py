@@ -5,8 +5,9 @@ import re
 
 import pytest
 
-from job.core.config import PRESETS, TrainConfig, load_train_config
+from job.core.config import PRESETS, TrainConfig
 from job.core.errors import UserError
+from job.train import load_train_config
 
 BASE = ["--output", "/tmp/out", "--corpus", "x.txt"]
 

@@ -14,7 +14,7 @@ import yaml
 from logcheck import assert_user_error, run
 from tiny import TINY
 
-from job.data.corpus import UNKNOWN_CHAR, Vocab
+from job.data.corpus import UNKNOWN_CHAR, Vocab, extended_vocab
 from job.model import finetune
 
 # ----------------------------------------------------------------------------------------- plain data
@@ -26,10 +26,10 @@ def counts_of(text: str) -> np.ndarray:
 
 def test_the_parents_ids_stay_and_new_characters_are_appended():
     base = Vocab(tuple("\n abc"))
-    vocab, added = finetune.extended_vocab(base, counts_of("abc xyz\n"), 1, new_to_unknown=False)
+    vocab, added = extended_vocab(base, counts_of("abc xyz\n"), 1, new_to_unknown=False)
     assert vocab.chars == tuple("\n abcxyz") and added == ["x", "y", "z"] and not vocab.has_unknown
     with_unknown = Vocab((*"\n abc", UNKNOWN_CHAR), has_unknown=True)
-    vocab, added = finetune.extended_vocab(with_unknown, counts_of("abd\n"), 1, new_to_unknown=False)
+    vocab, added = extended_vocab(with_unknown, counts_of("abd\n"), 1, new_to_unknown=False)
     assert vocab.chars == (*"\n abcd", UNKNOWN_CHAR) and vocab.unknown_id == 6 and added == ["d"]
     mapping = finetune.id_map(with_unknown, vocab)
     assert mapping.tolist() == [0, 1, 2, 3, 4, -1, 5]  # old ids kept; the unknown row moves to the end
@@ -37,11 +37,11 @@ def test_the_parents_ids_stay_and_new_characters_are_appended():
 
 def test_new_characters_can_map_to_the_unknown_id():
     base = Vocab(tuple("\n abc"))
-    vocab, added = finetune.extended_vocab(base, counts_of("abc xyz\n"), 1, new_to_unknown=True)
+    vocab, added = extended_vocab(base, counts_of("abc xyz\n"), 1, new_to_unknown=True)
     assert vocab.chars == (*"\n abc", UNKNOWN_CHAR) and vocab.has_unknown and added == []
     assert vocab.encode("ax").tolist() == [2, vocab.unknown_id]
     # rare new characters (below the count) share the unknown id too, frequent ones are added
-    vocab, added = finetune.extended_vocab(base, counts_of("abc xxxy\n"), 2, new_to_unknown=False)
+    vocab, added = extended_vocab(base, counts_of("abc xxxy\n"), 2, new_to_unknown=False)
     assert vocab.chars == (*"\n abcx", UNKNOWN_CHAR) and added == ["x"]
 
 

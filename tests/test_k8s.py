@@ -534,8 +534,8 @@ def _entrypoint_args(rendered, which: str) -> list[str]:
 
 
 def test_train_entrypoint_flags_are_accepted_by_the_cli(rendered):
-    from job.core.config import load_train_config
     from job.core.errors import UserError
+    from job.train import load_train_config
 
     args = _entrypoint_args(rendered, "train")
     try:

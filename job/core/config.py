@@ -1,6 +1,7 @@
 """Typed training configuration, presets, and the `python -m job.train` flag parser.
 
-Precedence: preset defaults < config file (YAML or JSON) < command-line flags.
+Precedence: preset defaults < config file (YAML or JSON) < command-line flags (merged by job.train.load_train_config,
+which also reads a fine-tuning parent's settings).
 TensorFlow-free so that parsing and validation test in milliseconds.
 """
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -323,84 +323,3 @@ def train_parser(preset: str = "default") -> argparse.ArgumentParser:
     defaults = {**TrainConfig().to_dict(), **PRESETS.get(preset, {})}
     schema.add_defaults_to_help(p, {k: v for k, v in defaults.items() if k != "preset"}, preset)
     return p
-
-
-def _preset_in(argv: list[str] | None) -> str:
-    """The --preset on the command line (for --help's defaults); `default` when none or an unknown one."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset")
-    found = pre.parse_known_args(argv)[0].preset
-    return found if found in PRESETS else "default"
-
-
-def _read_config_file(path: str) -> dict[str, Any]:
-    # Imported here so the parser stays import-light.
-    from job.core import storage
-
-    try:
-        text = storage.read_text(path)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - reported to the user as one line
-        raise UserError(f"cannot read config file {path}: {exc}") from None
-    try:
-        if path.endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:  # noqa: BLE001
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"config file {path} is not valid YAML/JSON ({first}); fix its syntax") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            raise UserError(f"config file {path}: unknown setting {key!r}; see python -m job.train --help")
-        out[name] = value
-    return out
-
-
-def load_train_config(argv: list[str] | None = None) -> TrainConfig:
-    """Parse flags (and an optional config file) into a validated TrainConfig."""
-    args = train_parser(_preset_in(argv)).parse_args(argv)
-    flags = schema.given(args, TrainConfig)
-    from_file = _read_config_file(args.config) if args.config else {}
-    init_from = flags.get("init_from") or from_file.get("init_from")
-    parent = inherited = None
-    if init_from:
-        from job.model import finetune
-
-        parent = finetune.find_parent(init_from)
-        inherited = finetune.inherited_settings(parent)
-    preset = flags.get("preset") or from_file.get("preset") or (inherited or {}).get("preset") or "default"
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    if inherited and inherited.get("preset", preset) != preset:  # another preset: only its shape is compared
-        inherited = {k: inherited[k] for k in ("learning_rate", "lr_patience")}
-    # Precedence: preset < the parent's settings (fine-tuning) < config file < flags.
-    merged: dict[str, Any] = {"preset": preset, **PRESETS[preset], **(inherited or {}), **from_file, **flags}
-    if "num_workers" in merged:
-        merged["min_workers"], merged["num_workers"] = parse_workers(merged["num_workers"])
-    try:
-        cfg = TrainConfig(**merged)
-    except TypeError as exc:
-        raise UserError(f"invalid settings: {exc}") from None
-    schema.coerce(cfg, UserError)
-    if cfg.corpus is None:
-        cfg.corpus = DEFAULT_CORPUS_URL
-    cfg.validate()
-    if parent is not None:
-        from job.model import finetune
-
-        changes = finetune.shape_changes(parent, cfg.to_dict())
-        if changes:
-            raise UserError(f"--init-from {parent.url} cannot start a model of another shape: {'; '.join(changes)}; "
-                            "drop the settings that change it (the parent's are the defaults), or train from scratch")
-    return cfg

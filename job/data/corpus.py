@@ -196,6 +196,23 @@ class Vocab:
         return cls(tuple(chars), has_unknown=has_unknown)
 
 
+def extended_vocab(base: Vocab, counts: np.ndarray, min_count: int, new_to_unknown: bool) -> tuple[Vocab, list[str]]:
+    """The fine-tuning vocabulary: `base` first, ids unchanged, then the characters of `counts` (indexed by code
+    point) seen at least `min_count` times that `base` lacks, sorted, appended; with `new_to_unknown` they are not
+    added but share the unknown id. The unknown id, where there is one (the base's, or one that rare or unmapped
+    characters need), is last. Returns (vocabulary, the characters added)."""
+    known = [c for c in base.chars if c != UNKNOWN_CHAR or not base.has_unknown]
+    have = set(known)
+    seen = [chr(c) for c in np.flatnonzero(np.asarray(counts) > 0)]
+    frequent = {chr(c) for c in np.flatnonzero(np.asarray(counts) >= max(1, min_count))}
+    fresh = [c for c in seen if c not in have and c in frequent and c != UNKNOWN_CHAR] if not new_to_unknown else []
+    unmapped = any(c not in have and c not in fresh for c in seen)
+    chars = (*known, *fresh)
+    if base.has_unknown or unmapped:
+        return Vocab((*chars, UNKNOWN_CHAR), has_unknown=True), fresh
+    return Vocab(chars), fresh
+
+
 def split_point(n: int, val_fraction: float) -> int:
     """Index where the contiguous held-out tail begins."""
     return n - max(1, int(round(n * val_fraction)))

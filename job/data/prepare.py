@@ -49,7 +49,7 @@ import numpy as np
 from job.core import storage
 from job.core.errors import UserError, run_cli
 from job.data import corpus as corpus_lib
-from job.data.corpus import Vocab
+from job.data.corpus import Vocab, extended_vocab
 
 FORMAT = "charlstm-dataset"
 FORMAT_VERSION = 1
@@ -1015,7 +1015,7 @@ def make_options(lowercase: bool = True, val_fraction: float = 0.1, min_char_cou
                  skip_bad_files: bool = False, base_vocab: Vocab | None = None, new_to_unknown: bool = False) -> dict:
     """The options that decide a dataset's contents, normalised (min_char_count None -> "auto") and checked.
     `base_vocab` (fine-tuning): the parent's vocabulary comes first, ids unchanged; the characters it lacks are
-    appended, or with `new_to_unknown` share the unknown id (job.finetune.extended_vocab)."""
+    appended, or with `new_to_unknown` share the unknown id (job.data.corpus.extended_vocab)."""
     if not 0.0 < float(val_fraction) <= 0.5:
         raise UserError(f"--val-fraction must be in (0, 0.5] (got {val_fraction})")
     if min_char_count in (None, "auto"):
@@ -1163,9 +1163,7 @@ def prepare(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fra
             vocab = Vocab.from_counts(counts, resolved)
             rare = (counts > 0) & (counts < resolved)
         else:
-            from job.model import finetune
-
-            vocab, added = finetune.extended_vocab(base_vocab, counts, resolved, new_to_unknown)
+            vocab, added = extended_vocab(base_vocab, counts, resolved, new_to_unknown)
             known = np.zeros(len(counts), bool)
             real = [ord(c) for c in vocab.chars[: len(vocab) - vocab.has_unknown] if ord(c) < len(counts)]
             known[real] = True

@@ -4,7 +4,8 @@ The parent is a training --output, its model/ folder, or one checkpoint folder. 
 the new dataset (every old id unchanged); characters the new corpus adds are appended after them (the unknown
 id, if any, stays last), or with --vocab-from-init they map to the unknown id. Its settings are the new run's
 defaults (a flag may change what does not change a weight's shape), and its weights are copied row for row,
-the rows of new characters starting at the mean of the old ones.
+the rows of new characters starting at the mean of the old ones. (The extended vocabulary itself is built where
+the dataset is prepared: job.data.corpus.extended_vocab.)
 
 The plain-data half (reading the parent, the vocabulary, the settings) is TensorFlow-free; `transfer` is not.
 """
@@ -86,23 +87,6 @@ def shape_changes(parent: Parent, settings: dict[str, Any]) -> list[str]:
 
 def _norm(value: Any) -> Any:
     return [int(v) for v in value] if isinstance(value, list | tuple) else value
-
-
-def extended_vocab(base: Vocab, counts: np.ndarray, min_count: int, new_to_unknown: bool) -> tuple[Vocab, list[str]]:
-    """The fine-tuning vocabulary: `base` first, ids unchanged, then the characters of `counts` (indexed by code
-    point) seen at least `min_count` times that `base` lacks, sorted, appended; with `new_to_unknown` they are not
-    added but share the unknown id. The unknown id, where there is one (the base's, or one that rare or unmapped
-    characters need), is last. Returns (vocabulary, the characters added)."""
-    known = [c for c in base.chars if c != UNKNOWN_CHAR or not base.has_unknown]
-    have = set(known)
-    seen = [chr(c) for c in np.flatnonzero(np.asarray(counts) > 0)]
-    frequent = {chr(c) for c in np.flatnonzero(np.asarray(counts) >= max(1, min_count))}
-    fresh = [c for c in seen if c not in have and c in frequent and c != UNKNOWN_CHAR] if not new_to_unknown else []
-    unmapped = any(c not in have and c not in fresh for c in seen)
-    chars = (*known, *fresh)
-    if base.has_unknown or unmapped:
-        return Vocab((*chars, UNKNOWN_CHAR), has_unknown=True), fresh
-    return Vocab(chars), fresh
 
 
 def id_map(old: Vocab, new: Vocab) -> np.ndarray:
