@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray._common.network_utils import build_address
+from ray.train._internal.utils import get_address_and_port
 from ray.train.backend import Backend, BackendConfig
 
 
@@ -29,9 +31,6 @@ def _set_tf_config(worker_addresses: list[str], index: int) -> None:
 
 
 def _worker_address() -> str:
-    from ray._common.network_utils import build_address
-    from ray.train._internal.utils import get_address_and_port
-
     return build_address(*get_address_and_port())
 
 

@@ -8,6 +8,8 @@ import time
 
 from job.core.errors import UserError, install_sigterm_handler
 
+# Ray inside each function: `--in-process` runs, `--help` and the driver's refusals before any cluster never import it.
+
 _GCS_PORT_VAR = "RAY_GCS_SERVER_PORT"
 _LOOPBACK = "127.0.0.1"
 

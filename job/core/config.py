@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from job.core import schema
+from job.core import schema, storage
 from job.core.errors import UserError
 
 # Project Gutenberg book 11, plain-text UTF-8 (the tutorial's corpus).
@@ -210,8 +210,6 @@ class TrainConfig:
     @property
     def data_url(self) -> str:
         """Where the prepared dataset lives: --dataset, or <output>/data."""
-        from job.core import storage
-
         return self.dataset or storage.join(self.output, "data")
 
     def to_dict(self) -> dict[str, Any]:

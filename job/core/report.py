@@ -15,6 +15,10 @@ import sys
 import tempfile
 from typing import Any
 
+import job
+
+# matplotlib and TensorFlow are imported inside the functions that draw or start them: every command imports this
+# module for its console lines, and the driver must start without either.
 from job.core import storage
 
 
@@ -80,8 +84,6 @@ def quiet_tensorflow(verbose: bool) -> None:
     """TensorFlow's C++ INFO and WARNING notices (oneDNN, CUDA probing) in this process and in every Ray worker it
     starts (they inherit the driver's environment or receive it through train_func's config). Must precede the
     first TensorFlow import; `import_tensorflow` does that import."""
-    import job
-
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     elif job.QUIET_BY_US and "tensorflow" not in sys.modules:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import posixpath
 import shutil
@@ -36,6 +37,9 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from job.core.errors import UserError
+
+# s3fs, pyarrow.fs, fsspec and botocore are imported inside the functions that use them, so a command that reads
+# only local files (and the unit tests) never pays for them; fcntl (POSIX) only where a local folder lock is taken.
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -879,8 +883,6 @@ def _folder_locked(path: str) -> Iterator[None]:
 
 
 def _local_version(path: str) -> tuple[bytes, str] | None:
-    import hashlib
-
     try:
         with open(path, "rb") as fh:
             data = fh.read()
@@ -911,8 +913,6 @@ def is_s3(url: str) -> bool:
 
 def _other_version(fs, path: str) -> tuple[bytes, str] | None:
     """Other fsspec filesystems (memory:// in tests, gs://...): contents and their sha256, with no atomic check."""
-    import hashlib
-
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from job.core import storage
 from job.core.errors import UserError
 
 # Both the current and the older Project Gutenberg markers. The start line is dropped with
@@ -227,8 +228,6 @@ class Corpus:
 
 def load(url: str, lowercase: bool = True) -> Corpus:
     """Read, decode and clean a corpus from any URL storage understands."""
-    from job.core import storage
-
     data = storage.read_bytes(url)
     if not data.strip():
         raise UserError(f"corpus {url} is empty; give a text file with some content")

@@ -35,6 +35,7 @@ import os
 import posixpath
 import queue
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -45,9 +46,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import psutil
 
-from job.core import storage
+from job.core import guard, storage
 from job.core.errors import UserError, run_cli
+from job.core.report import format_seconds
 from job.data import corpus as corpus_lib
 from job.data.corpus import Vocab, extended_vocab
 
@@ -138,8 +141,6 @@ def _listing(url: str, exclude: Iterable[str] = ()) -> tuple[list[Source], list[
 def _charlstm_folders(entries: list[dict], exclude: Iterable[str]) -> set[str]:
     """Normalised prefixes ("…/", see _norm) of the charlstm locations among a listing: the ones given, and every
     folder holding a dataset (meta.json beside train.bin and val.bin) or an output record (our output.json)."""
-    from job.core import guard
-
     urls = [_norm(e["url"]) for e in entries]
     prefixes = {_norm(u).rstrip("/") + "/" for u in exclude if u}
     by_folder: dict[str, set[str]] = {}
@@ -813,8 +814,6 @@ class Progress:
 
 def progress_line(what: str, unit: str, done: int, total: int | None, elapsed: float) -> str:
     """E.g. "preparing s3://b/books/: read 1.2 GB of 10.0 GB (12%), 95 MB/s, eta 1:33"."""
-    from job.core.report import format_seconds
-
     rate = done / max(elapsed, 1e-9)
     line = f"preparing {what}: {unit} {_gb(done)}"
     if total:
@@ -1318,10 +1317,6 @@ def mismatch(meta: dict, corpus_url: str, options: dict, exclude: Iterable[str] 
 def remove_abandoned(output_url: str, log: Callable[[str], None]) -> None:
     """Delete the work folders that killed preparations left: every `.prepare-*` in a local dataset folder (the
     caller holds its lease, so none is in use) and this host's `charlstm-prepare-<pid>-*` whose process is gone."""
-    import shutil
-
-    import psutil
-
     gone = []
     if storage.is_local(output_url) and os.path.isdir(storage.local_path(output_url)):
         folder = storage.local_path(output_url)
@@ -1355,8 +1350,6 @@ def ensure(corpus_url: str, output_url: str, *, lowercase: bool = True, val_frac
     verified), else prepared now. A dataset of another corpus or other options is never prepared over unless
     `force`: it is refused in one line naming the difference. Either way `validate(meta)` (see prepare) accepts
     it first. Holds the dataset's lease throughout (waiting for another preparer of the same location)."""
-    from job.core import guard
-
     options = make_options(lowercase, val_fraction, min_char_count, skip_bad_files, base_vocab, new_to_unknown)
     storage.check_writable(output_url)
     guard.require_kind(output_url, "dataset", "--dataset/--output")

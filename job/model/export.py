@@ -15,6 +15,9 @@ from typing import Any
 
 from job.core import storage
 from job.core.errors import UserError
+
+# Keras only inside load(): readers of config.json and vocab.json (the driver, fine-tuning's parent) start without
+# TensorFlow.
 from job.data.corpus import Vocab
 
 MODEL_FILE = "model.keras"

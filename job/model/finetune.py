@@ -13,14 +13,21 @@ The plain-data half (reading the parent, the vocabulary, the settings) is Tensor
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from job.core import storage
+from job.core.config import TrainConfig
 from job.core.errors import UserError
 from job.data.corpus import UNKNOWN_CHAR, Vocab
+from job.model import checkpoint, export
+
+# job.model.model (TensorFlow) only inside _parent_layers: the driver reads a parent's settings and vocabulary
+# (job.train.load_train_config) without TensorFlow.
 
 # Settings that decide a weight's shape (with the vocabulary): taken from the parent, never overridden.
 SHAPE_SETTINGS = ("input_mode", "embed_dim", "units")
@@ -46,8 +53,6 @@ class Parent:
 
 def find_parent(url: str) -> Parent:
     """The model or checkpoint at `url` (a training --output, its model/ folder, or a checkpoint folder)."""
-    from job.model import checkpoint, export
-
     progress_url = storage.join(url, checkpoint.PROGRESS)
     if storage.exists(progress_url) and storage.exists(storage.join(url, checkpoint.VARIABLES)):
         try:
@@ -137,15 +142,8 @@ def check_case(parent: Parent, keep_case: bool, new_to_unknown: bool) -> str | N
 def _parent_layers(parent: Parent) -> dict[str, list[np.ndarray]]:
     """The parent's weights by layer name."""
     if parent.kind == "model":
-        from job.model import export
-
         model = export.load(parent.url).model
     else:
-        import shutil
-        import tempfile
-
-        from job.core.config import TrainConfig
-        from job.model import checkpoint
         from job.model import model as model_lib
 
         model = model_lib.build(TrainConfig.from_dict(parent.config), len(parent.vocab))

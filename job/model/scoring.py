@@ -14,10 +14,15 @@ import tempfile
 
 import numpy as np
 
+from job.core import report
 from job.core.config import TrainConfig
 from job.core.errors import UserError, run_cli
 from job.data import corpus as corpus_lib
-from job.data import windows
+from job.data import prepare, windows
+from job.model import export
+
+# TensorFlow (and job.model.model, which imports it) only inside HeldOutScorer: the driver imports this module through
+# job.training.worker and must start without TensorFlow.
 
 
 def parser() -> argparse.ArgumentParser:
@@ -114,9 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
     if args.dataset and args.corpus:
         raise UserError("give --dataset or --corpus, not both")
-    from job.core import report
-    from job.data import prepare
-    from job.model import export
 
     report.import_tensorflow(args.verbose)  # before Keras: TensorFlow's start-up notices dropped unless --verbose
     exported = export.load(args.model)

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from job.core.report import format_seconds
+
 
 def anneal_factor(done: float, anneal: float) -> float:
     """Learning-rate multiplier when a fraction `done` of the run is over: 1 until the last `anneal` of
@@ -71,8 +73,6 @@ class ProgressTicker:
 
 def progress_line(progress: Any, epochs: int, steps_in_epoch: int, total_steps: int, interval: Interval,
                   budget_sec: float) -> str:
-    from job.core.report import format_seconds
-
     p = progress
     return (f"step {p.global_step:,}  epoch {p.epoch + 1}/{epochs} ({100 * p.step_in_epoch / steps_in_epoch:.0f}%)  "
             f"loss {interval.loss:.4f}  {interval.chars_per_sec:,.0f} chars/s  "

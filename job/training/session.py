@@ -12,6 +12,8 @@ worker that dies right after a report can leave its newest checkpoint uploaded b
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import shutil
 import sys
@@ -22,7 +24,11 @@ from typing import Any
 from job.core import guard, storage
 from job.core.config import TrainConfig
 from job.core.errors import UserError
+from job.data import prepare
+from job.model import finetune
 from job.model.checkpoint import PROGRESS, VARIABLES
+
+# Ray only inside RaySession: in-process runs and the driver's checks before the cluster never import it.
 
 
 def checkpoint_root(cfg: TrainConfig) -> str:
@@ -113,11 +119,8 @@ def record_run(cfg: TrainConfig) -> None:
 
 def _corpus_changed(cfg: TrainConfig) -> bool:
     """The run's prepared dataset no longer describes the corpus listing (read-only: listing and meta.json)."""
-    from job.data import prepare
-
     if prepare.read_meta(cfg.data_url) is None:
         return False  # nothing to compare with: the dataset is prepared anew and the vocabulary checked on restore
-    from job.model import finetune
 
     base = finetune.find_parent(cfg.init_from).vocab if cfg.init_from else None
     options = prepare.make_options(not cfg.keep_case, cfg.val_fraction, cfg.min_char_count, cfg.skip_bad_files,
@@ -193,8 +196,6 @@ class RaySession(Session):
     in_ray = True
 
     def __init__(self, cfg: TrainConfig):
-        import logging
-
         import ray.train
 
         super().__init__(cfg)
@@ -213,8 +214,6 @@ class RaySession(Session):
         self.world_size = ctx.get_world_size()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        import math
-
         import ray.exceptions
         import ray.train
 

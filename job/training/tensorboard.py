@@ -25,6 +25,9 @@ from typing import Any
 from job.core import storage
 from job.core.config import TrainConfig
 
+# TensorFlow only inside the functions that write or rewrite events: the driver imports this module through
+# job.training.worker and must start without TensorFlow.
+
 EVENT_PREFIX = "events.out.tfevents."
 CONFIG_TAG = "config"
 

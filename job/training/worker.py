@@ -24,9 +24,10 @@ import numpy as np
 from job.core import report, storage
 from job.core.config import EXPORTED_SETTINGS, TrainConfig
 from job.core.errors import UserError, check_interrupt, deferred_interrupts
+from job.data import prepare
 from job.data import windows as data
 from job.data.corpus import Vocab
-from job.model import checkpoint
+from job.model import checkpoint, export, finetune
 from job.model.scoring import HeldOutScorer
 from job.training.schedule import (
     ProgressTicker,
@@ -40,6 +41,9 @@ from job.training.schedule import (
 )
 from job.training.session import RunAborted, Session, detect_session
 from job.training.tensorboard import Board
+
+# TensorFlow, Keras and job.model.model / job.model.sample (which import them) only inside the functions that run
+# them: the driver imports this module (ensure_dataset; train_func for Ray) and must start without TensorFlow.
 
 
 @dataclass
@@ -127,9 +131,6 @@ def ensure_dataset(cfg: TrainConfig, log=print) -> dict[str, Any]:
     """The prepared dataset for this corpus and these options: reused when <dataset> holds it, else made there
     (job.prepare; streams the raw files once). Returns its meta. A dataset too short for one global batch or
     for the held-out protocol is refused before anything is written."""
-    from job.data import prepare
-    from job.model import finetune
-
     parent = finetune.find_parent(cfg.init_from) if cfg.init_from else None
     if parent is not None and (note := finetune.check_case(parent, cfg.keep_case, cfg.vocab_from_init)):
         log(note)
@@ -393,8 +394,6 @@ class Trainer:
         self._build()
         resumed = self._resume()
         if cfg.init_from:
-            from job.model import finetune
-
             self.parent = finetune.find_parent(cfg.init_from)
             if not resumed:  # a resumed fine-tuning run continues from its own checkpoint
                 finetune.transfer(self.model, self.parent, self.vocab)
@@ -434,8 +433,6 @@ class Trainer:
     def _prepare_data(self) -> None:
         """Memory-map the prepared dataset (the driver prepared it, job.prepare): no worker holds the corpus as
         a string or a tensor, and only the pages a step touches become resident."""
-        from job.data import prepare
-
         cfg = self.cfg
         ds = prepare.open_local(cfg.data_url)
         self.dataset, self.vocab, self.train_ids = ds, ds.vocab, ds.train
@@ -634,8 +631,6 @@ class Trainer:
         return self.vocab.decode(out[0])
 
     def _write_outputs(self, improved: bool, sample_name: str) -> None:
-        from job.model import export
-
         cfg, p, out = self.cfg, self.progress, self.cfg.output
         report.write_metrics(out, p.history)
         now, last = time.monotonic(), p.history[-1]
