@@ -71,7 +71,7 @@ DATA, MODEL, TRAINING, JOB = "corpus and data", "model (the preset sets these)",
 
 
 def setting(default: Any, help: str, group: str = TRAINING, **kwargs: Any) -> Any:  # noqa: A002 - argparse's name
-    """job.schema.setting, in the "training" group unless another is named."""
+    """job.core.schema.setting, in the "training" group unless another is named."""
     return schema.setting(default, help, group, **kwargs)
 
 

@@ -203,7 +203,7 @@ class Lease:
 
 def _stop_this_process(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
-    os.kill(os.getpid(), signal.SIGTERM)  # the clean path of `ray job stop` / Ctrl-C (job.errors)
+    os.kill(os.getpid(), signal.SIGTERM)  # the clean path of `ray job stop` / Ctrl-C (job.core.errors)
 
 
 # ---------------------------------------------------------------------------------------------- identity

@@ -774,7 +774,7 @@ def delete(url: str, recursive: bool = False) -> None:
 
 
 # ------------------------------------------------------------------------- listings and streamed files
-# Used by the prepare stage (job/prepare.py): a corpus may be one file, a folder/prefix or a glob, read as a
+# Used by the prepare stage (job/data/prepare.py): a corpus may be one file, a folder/prefix or a glob, read as a
 # stream (never whole into memory), and its listing (names, sizes, versions) decides whether a prepared dataset
 # is still current without reading any file's contents.
 
@@ -859,7 +859,7 @@ def open_read(url: str) -> Iterator:
 
 
 # -------------------------------------------------------------------------------------- conditional writes
-# The primitive under job.guard's leases: "create only if absent" and "replace only if unchanged since I read it".
+# The primitive under job.core.guard's leases: "create only if absent" and "replace only if unchanged since I read it".
 # S3 does both itself (PutObject with If-None-Match: * / If-Match: <ETag>, answered 412 when the condition fails);
 # a local folder gets the same from an exclusive flock on the folder held across read, compare and rename.
 # The version token is the ETag on S3 and the sha256 of the contents locally.
@@ -969,7 +969,7 @@ def write_if(url: str, data: bytes, token: str | None) -> str | None:
 def delete_if(url: str, token: str) -> bool:
     """Delete `url` if it is still the version `token` (True), else leave it (False). Locally exact; on S3 the
     version is checked with a HEAD just before the DELETE (a writer that takes over a live lease does not exist:
-    see job.guard)."""
+    see job.core.guard)."""
     with translate_errors(url):
         fs, path = _fs(url)
         if is_local(url):

@@ -1,7 +1,8 @@
-"""Windows over the encoded corpus: epoch plans, worker shards, held-out windows, tf.data.
+"""Windows over the encoded corpus: epoch plans, worker shards, held-out windows, the gathered batches.
 
 Every batching decision is made on plain numpy arrays of *window start offsets* (fast to test,
-identical on every worker); TensorFlow only gathers the characters.
+identical on every worker), and the characters of a step's windows are gathered with numpy too: the compiled
+training step (job.training.worker) and the held-out scorer (job.model.scoring) receive them as arrays.
 
 An epoch plan is an int array of shape (steps, global_batch). Worker `index` of `count` trains on
 columns [index*B, (index+1)*B) of every row, so the workers' shards are disjoint, their union is the

@@ -1,6 +1,6 @@
 """The checkpoint format: one folder with `variables.npz` (model and optimizer variables in order, plus the LSTM
 states of every stream mid-epoch) and `progress.json` (where the run is, its settings, vocabulary and corpus
-digest). Ray Train uploads the folder as it is; job.session finds the newest complete one in storage.
+digest). Ray Train uploads the folder as it is; job.training.session finds the newest complete one in storage.
 
 Arrays and JSON only, so a checkpoint loads without the code that wrote it and in any worker count.
 """

@@ -63,7 +63,7 @@ def find_parent(url: str) -> Parent:
             raise UserError(f"--init-from {url}: its {checkpoint.PROGRESS} is damaged; give another checkpoint or the "
                             "run's model/") from None
         digest = saved.get("variables_sha256") or ""
-        has_unknown = bool(vocab) and vocab[-1] == UNKNOWN_CHAR  # the unknown id is always last (job.corpus.Vocab)
+        has_unknown = bool(vocab) and vocab[-1] == UNKNOWN_CHAR  # the unknown id is always last (job.data.corpus.Vocab)
         return Parent(url, "checkpoint", config, Vocab(tuple(vocab), has_unknown=has_unknown), digest)
     folder = export.resolve(url)
     try:

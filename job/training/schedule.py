@@ -1,5 +1,5 @@
 """When things happen in a training run: pure decisions on step counts and clocks (no TensorFlow), so the loop in
-job/worker.py stays flat and each rule tests in microseconds."""
+job/training/worker.py stays flat and each rule tests in microseconds."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Where a worker's progress goes: a Ray Train session, or the local process (one worker).
 
 Both offer the same four things — rank, world size, the latest checkpoint, and report() — so the
-training loop in job/worker.py is identical in and out of Ray.
+training loop in job/training/worker.py is identical in and out of Ray.
 
 Resume point: the newest *complete* checkpoint found in storage (highest global step whose
 variables.npz and progress.json are both there), not only the one Ray's controller registered. A

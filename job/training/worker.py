@@ -121,7 +121,7 @@ def _make_strategy(cpu_threads: int | None = None):
         with contextlib.suppress(RuntimeError):
             tf.config.threading.set_intra_op_parallelism_threads(cpu_threads)
 
-    # Under Ray, job.backend sets TF_CONFIG; in-process runs use the default strategy.
+    # Under Ray, job.cluster.backend sets TF_CONFIG; in-process runs use the default strategy.
     if os.environ.get("TF_CONFIG"):
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
