@@ -3,7 +3,7 @@
     python -m bench.run --corpus PATH [--only train|gen|scale|corpus|s3|finetune] [--seconds 300] [--out bench/results]
 
 Training: equal wall-clock budgets for the tutorial (`seed-small` preset) and ours (`default` preset),
-each through `job.worker.train_func` in-process, in its own process; held-out loss of the exported model
+each through `job.training.worker.train_func` in-process, in its own process; held-out loss of the exported model
 with the full protocol (`job.evaluate`). Generation: the tutorial's per-character `model.predict` loop vs
 our batched `job.sample.Sampler`. Both are related to the dense fp32 matmul FLOP/s measured in the same run.
 

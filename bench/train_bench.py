@@ -1,6 +1,6 @@
 """One equal-wall-clock training run, in its own process: `python -m bench.train_bench --preset P ...`.
 
-Trains preset P through `job.worker.train_func` in-process (no Ray) for `--seconds`, then scores the
+Trains preset P through `job.training.worker.train_func` in-process (no Ray) for `--seconds`, then scores the
 exported model with the full held-out protocol (`job.evaluate.evaluate`) and writes a JSON summary.
 bench.run starts one such process per method so that the two runs share no TensorFlow state.
 """

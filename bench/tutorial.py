@@ -4,7 +4,7 @@ as the baseline of the side-by-side benchmark.
 Training: the tutorial is our `seed-small` preset (scaled-integer windows of 100 -> one LSTM(256) ->
 Dropout(0.2) -> Dense softmax on the next character after the window, Adam 1e-3, batch 128, best model
 kept by training loss). `check_seed_small()` verifies that, so the benchmark can train it through the same
-`job.worker.train_func` path as ours. Generation: `generate()` is the tutorial's loop verbatim, one
+`job.training.worker.train_func` path as ours. Generation: `generate()` is the tutorial's loop verbatim, one
 `model.predict` per character on a (1, 100, 1) window, argmax, slide the window.
 """
 

@@ -1,4 +1,4 @@
-"""The prepare stage (job/prepare.py): streaming clean == corpus.clean, listings, per-file held-out tails, the
+"""The prepare stage (job/data/prepare.py): streaming clean == corpus.clean, listings, per-file held-out tails, the
 vocabulary with an unknown id, bad files, caching by fingerprint, open_local. Synthetic text only, no network
 (except one e2e test against the local moto S3 server), no Ray, no TensorFlow."""
 

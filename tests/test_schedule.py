@@ -1,4 +1,4 @@
-"""The loop's decisions (job/schedule.py): pure functions of step counts and clocks."""
+"""The loop's decisions (job/training/schedule.py): pure functions of step counts and clocks."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Training-loop hooks the tests load into every worker with CHARLSTM_HOOKS=tests.train_hooks (job.worker.load_hooks;
-under `ray job submit` the repository is the working dir, so this module is importable on every worker):
+"""Training-loop hooks the tests load into every worker with CHARLSTM_HOOKS=tests.train_hooks
+(job.training.worker.load_hooks; under `ray job submit` the repository is the working dir, so this module is importable
+on every worker):
 
 - CHARLSTM_TEST_CRASH_AT_STEP=N + CHARLSTM_TEST_CRASH_MARKER=path: the last worker dies hard, once, at the first
   step >= N (the marker file remembers it happened);
