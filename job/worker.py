@@ -326,9 +326,10 @@ class Trainer:
             self.states = self._zero_states()
         started, chars = time.monotonic(), 0
         while p.step_in_epoch < steps_total:
-            count = 1 if self.over else steps_in_next_call(
-                cfg.steps_per_call, steps_total - p.step_in_epoch, p.global_step,
-                (cfg.checkpoint_every_steps, cfg.eval_every_steps))
+            # From agreed values only: every collective of a call pairs with the same one on the other workers,
+            # so a worker whose clock alone passed the budget still runs the call the others run.
+            count = steps_in_next_call(cfg.steps_per_call, steps_total - p.step_in_epoch, p.global_step,
+                                       (cfg.checkpoint_every_steps, cfg.eval_every_steps))
             stop, loss_sum = self._train_steps(plan, count)
             chars += count * self.chars_per_step
             if self.hooks:
