@@ -22,8 +22,9 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     location take files, both before any Ray starts; under Ray, the cluster must be able to fit the workers (or be
     able to grow: job.cluster); then the prepared dataset must exist for this corpus and these options (made here
     once, streaming the raw files; reused on resubmission and resume, so workers never read raw text) and be long
-    enough for one batch and the held-out protocol; last, a growing cluster is waited for (bounded). A refusal
-    before the dataset step leaves --output as it was."""
+    enough for one batch and the held-out protocol; then a growing cluster is waited for (bounded); last, --output
+    records the run. A refusal before the dataset step leaves --output as it was; a wait that ends without the
+    nodes leaves only the prepared dataset, which the next attempt reuses, whatever its worker count."""
     from job.session import record_run, refuse_mixed_runs
     from job.worker import ensure_dataset
 
@@ -36,11 +37,11 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
         cluster.connect(cfg.num_workers, cfg.cpus_per_worker)
         wait = cluster.check_capacity(cfg.worker_counts[0], cfg.cpus_per_worker, cfg.use_gpu, cfg.capacity_wait_minutes)
     meta = ensure_dataset(cfg, log=lambda line: print(line, flush=True))
-    if record is None:
-        record_run(cfg)
     # After the dataset: preparing a large corpus and an autoscaler bringing nodes up both take minutes.
     cluster.wait_for_capacity(cfg.worker_counts[0], cfg.cpus_per_worker, cfg.use_gpu, wait,
                               log=lambda line: print(line, flush=True))
+    if record is None:  # the run will start: only now does --output take its identity (and settings)
+        record_run(cfg)
     return meta
 
 
