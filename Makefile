@@ -12,12 +12,13 @@ export CORPUS
 CORPUS2 ?=
 export CORPUS2
 
-.PHONY: help venv test test-fast lint demo bench bench-train bench-corpus bench-s3 bench-finetune clean
+.PHONY: help venv test test-fast lint lock demo bench bench-train bench-corpus bench-s3 bench-finetune clean
 
 help:
 	@echo "make demo   - local S3 + Ray head, train and sample through 'ray job submit', show results"
 	@echo "make test   - the whole test suite (unit + end-to-end against a live Ray head and local S3)"
 	@echo "make lint   - ruff + hadolint"
+	@echo "make lock   - regenerate requirements-docker.lock (the image's pinned, hashed dependencies; needs uv, PyPI)"
 	@echo "make bench  - benchmarks side by side with the tutorial's method (long; CORPUS=... required)"
 
 $(STAMP): pyproject.toml
@@ -39,6 +40,11 @@ test-fast: venv
 lint: venv
 	$(BIN)/ruff check job infra tests bench
 	$(BIN)/hadolint Dockerfile
+
+lock:
+	@command -v uv >/dev/null || { echo "error: uv not found; install it (pip install uv) and run make lock again" >&2; exit 2; }
+	uv pip compile --quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 --extra gpu \
+		--custom-compile-command "make lock" --output-file requirements-docker.lock pyproject.toml
 
 demo: venv
 	bash infra/demo.sh

@@ -1,6 +1,7 @@
 """Side-by-side benchmark of charlstm against the Keras tutorial's method, on this machine.
 
-    python -m bench.run --corpus PATH [--only train|gen|scale|corpus|s3|finetune] [--seconds 300] [--out bench/results]
+    python -m bench.run --corpus PATH [--only train|gen|scale|corpus|s3|finetune|preempt] [--seconds 300]
+                        [--out bench/results]
 
 Training: equal wall-clock budgets for the tutorial (`seed-small` preset) and ours (`default` preset),
 each through `job.training.worker.train_func` in-process, in its own process; held-out loss of the exported model
@@ -9,7 +10,9 @@ our batched `job.sample.Sampler`. Both are related to the dense fp32 matmul FLOP
 
 Corpus scale (bench/corpus_bench.py): prepare time, cached-run set-up, worker peak RSS and training chars/s
 for corpora of 1 MB to 1 GB made from the benchmark text. S3 scale (bench/s3_bench.py): a 1 GB corpus prepared
-local -> local and S3 -> S3 (a local S3 server) side by side, and a node's download of the dataset.
+local -> local and S3 -> S3 (a local S3 server) side by side, and a node's download of the dataset. Node loss
+(bench/preempt_bench.py): the steps lost when a node of a run goes, announced (drained) or not, on a multi-node
+Ray cluster on this machine.
 
 Writes <out>/<YYYY-MM-DD>.json, <out>/loss_vs_time.png, <out>/gen_chars_per_sec.png and <out>/latest.md
 (and <out>/corpus_scale.{json,md,png}, <out>/s3_scale.{json,md}), and prints the Markdown tables. The corpus
@@ -58,8 +61,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--corpus", default=os.environ.get("CORPUS"),
                    help="Local path (or file:// URL) of the corpus; default: $CORPUS. Never downloaded.")
-    p.add_argument("--only", choices=("train", "gen", "scale", "corpus", "s3", "finetune"),
-                   help="Run only the training, generation, scaling, corpus-scale, S3-scale or fine-tuning part.")
+    p.add_argument("--only", choices=("train", "gen", "scale", "corpus", "s3", "finetune", "preempt"),
+                   help="Run only the training, generation, scaling, corpus-scale, S3-scale, fine-tuning or "
+                        "node-loss part.")
     p.add_argument("--corpus2", default=os.environ.get("CORPUS2"),
                    help="Second corpus (local path) for the fine-tuning part; default: $CORPUS2, else invented prose "
                         "the bench writes.")
@@ -544,6 +548,11 @@ def main(argv: list[str] | None = None) -> int:
         (out / "s3_scale.json").write_text(json.dumps(s3, indent=2, sort_keys=True))
         (out / "s3_scale.md").write_text(s3_bench.markdown(s3) + "\n")
         print("\n" + s3_bench.markdown(s3), flush=True)
+    if args.only in (None, "preempt"):
+        from bench import preempt_bench
+
+        results["node_loss"] = preempt_bench.run(text, workdir / "node-loss")
+        print("\n" + preempt_bench.markdown(results["node_loss"]), flush=True)
     samples += common.matmul_samples(args.matmul_n)  # again at the end: the machine is shared
     flops = common.matmul_flops(args.matmul_n, common.median(samples))
     results["matmul"] = {"n": args.matmul_n, "samples_sec": samples, "flops_per_sec": flops}

@@ -180,6 +180,7 @@ def make_plan(cfg: GenerateConfig) -> Plan:
                         f"{model_config['vocab_size']}; the vocab does not belong to this model")
     if not storage.exists(storage.join(folder, export.MODEL_FILE)):
         raise UserError(f"{folder} has no {export.MODEL_FILE}; give the training --output of a finished run")
+    export.verify(folder, model_config)  # before --output gets an identity naming this model's checksum
     lowercase = model_config.get("lowercase", True)
     seq_len = int(model_config.get("seq_len", 100))
     if cfg.prompt is not None or cfg.prompts:

@@ -105,8 +105,9 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
     location take files, both before any Ray starts; under Ray, the cluster must be able to fit the workers (or be
     able to grow: job.cluster.capacity); then the prepared dataset must exist for this corpus and these options
     (made here once, streaming the raw files; reused on resubmission and resume, so workers never read raw text) and
-    be long enough for one batch and the held-out protocol; last, a growing cluster is waited for (bounded). A
-    refusal before the dataset step leaves --output as it was."""
+    be long enough for one batch and the held-out protocol; then a growing cluster is waited for (bounded); last,
+    --output records the run. A refusal before the dataset step leaves --output as it was; a wait that ends without
+    the nodes leaves only the prepared dataset, which the next attempt reuses, whatever its worker count."""
     record = refuse_mixed_runs(cfg)
     # Everything that can be checked without a cluster, before one starts: a typo costs a second, not Ray's start.
     prepare.list_sources(cfg.corpus, (cfg.output, cfg.data_url))
@@ -117,11 +118,11 @@ def preflight(cfg: TrainConfig) -> dict[str, Any]:
         wait = capacity.check_capacity(cfg.worker_counts[0], cfg.cpus_per_worker, cfg.use_gpu,
                                        cfg.capacity_wait_minutes)
     meta = ensure_dataset(cfg, log=lambda line: print(line, flush=True))
-    if record is None:
-        record_run(cfg)
     # After the dataset: preparing a large corpus and an autoscaler bringing nodes up both take minutes.
     capacity.wait_for_capacity(cfg.worker_counts[0], cfg.cpus_per_worker, cfg.use_gpu, wait,
                                log=lambda line: print(line, flush=True))
+    if record is None:  # the run will start: only now does --output take its identity (and settings)
+        record_run(cfg)
     return meta
 
 

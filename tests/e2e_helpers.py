@@ -43,6 +43,14 @@ class S3Server:
     def get_bytes(self, key: str) -> bytes:
         return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
+    def keys(self, url: str, relative: bool = False) -> list[str]:
+        """Sorted keys of every object under `url` (s3://bucket/prefix): whole, or relative to the prefix."""
+        bucket, _, prefix = url.removeprefix("s3://").partition("/")
+        prefix = prefix.rstrip("/") + "/"
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        found = sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+        return [key[len(prefix):] for key in found] if relative else found
+
 
 @dataclass
 class JobResult:

@@ -181,3 +181,16 @@ def test_s3_scale_table_and_goals():
     assert slow["s3_ok"] is False and "**NO**" in s3_bench.markdown(slow)
     failed = {**result, "s3_to_s3": {**row(1.0, 1.0), "returncode": 2, "tail": ["error: no bucket"]}}
     assert "exit 2: error: no bucket" in s3_bench.markdown(failed)
+
+
+def test_node_loss_table_reads_the_scenarios():
+    from bench import preempt_bench
+
+    result = {"scenarios": [
+        {"kind": "announced", "notice_sec": 30, "lost_steps": 0, "interval": 20, "resumed_from": 64, "reached": 64,
+         "recovery_sec": 84.7},
+        {"kind": "unannounced", "notice_sec": 0, "lost_steps": 12, "interval": 20, "resumed_from": 40, "reached": 52,
+         "recovery_sec": None}]}
+    rows = preempt_bench.markdown(result).splitlines()
+    assert rows[2] == "| announced | 30 s | 0 (interval 20) | 64 / 64 | 85 s |"
+    assert rows[3] == "| unannounced | 0 s | 12 (interval 20) | 40 / 52 | - |"

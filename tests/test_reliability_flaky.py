@@ -39,12 +39,6 @@ TRAIN_FLAGS = ["--num-workers", "1", "--epochs", "2", "--run-name", "flaky", "--
 GEN_FLAGS = ["--num-samples", "12", "--length", "24", "--shard-size", "4", "--seed", "2", "--temperature", "0.8"]
 
 
-def _keys(s3_server, url: str) -> list[str]:
-    prefix = url.split("/", 3)[3].rstrip("/") + "/"
-    pages = s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix)
-    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
-
-
 def _key(url: str) -> str:
     return url.split("/", 3)[3]
 
@@ -186,7 +180,7 @@ def test_training_through_flaky_store_matches_fault_free_run(flaky, s3_server):
     starts = [line for line in flaky.train_job_logs.splitlines() if "training default: " in line]
     assert len(starts) == 1, starts or flaky.train_job_logs[-3000:]
     assert "resumed from checkpoint" not in flaky.train_job_logs
-    events = [k for k in _keys(s3_server, flaky.train_out) if "/tensorboard/flaky/events.out.tfevents." in k]
+    events = [k for k in s3_server.keys(flaky.train_out) if "/tensorboard/flaky/events.out.tfevents." in k]
     assert len(events) == 1, events
     assert_no_traceback_from_our_code(flaky.train_logs)  # job logs + `ray job submit` output: Ray's too
     lines = [json.loads(x) for x in s3_server.get_bytes(f"{_key(flaky.train_out)}/metrics.jsonl").splitlines()]
@@ -202,7 +196,7 @@ def test_training_through_flaky_store_matches_fault_free_run(flaky, s3_server):
     assert got.config["epoch"] == want.config["epoch"] == 2
     for a, b in zip(got.model.get_weights(), want.model.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    keys = _keys(s3_server, flaky.train_out)
+    keys = s3_server.keys(flaky.train_out)
     assert any(k.endswith("/progress.json") and "/checkpoints/flaky/checkpoint_" in k for k in keys), keys
 
 
@@ -240,7 +234,7 @@ def test_secret_key_appears_in_no_log_and_no_output(flaky, s3_server):
         assert secret not in path.read_bytes(), path
     # Every object both jobs wrote: metrics.jsonl, model/config.json, checkpoints (progress.json, ...),
     # samples, manifest.json.
-    keys = _keys(s3_server, flaky.train_out) + _keys(s3_server, flaky.gen_out)
+    keys = s3_server.keys(flaky.train_out) + s3_server.keys(flaky.gen_out)
     for required in ("metrics.jsonl", "model/config.json", "/progress.json", "manifest.json"):
         assert any(k.endswith(required) for k in keys), (required, keys)
     for key in keys:
@@ -253,7 +247,7 @@ def test_secret_key_appears_in_no_log_and_no_output(flaky, s3_server):
 @pytest.mark.e2e
 def test_outputs_carry_no_public_acl(flaky, s3_server):
     client = s3_server.client()
-    keys = _keys(s3_server, flaky.train_out) + _keys(s3_server, flaky.gen_out)
+    keys = s3_server.keys(flaky.train_out) + s3_server.keys(flaky.gen_out)
     assert len(keys) > 10
     public = ("http://acs.amazonaws.com/groups/global/AllUsers",
               "http://acs.amazonaws.com/groups/global/AuthenticatedUsers")

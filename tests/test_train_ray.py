@@ -34,12 +34,6 @@ def upload(s3_server, key: str, body: bytes) -> str:
     return s3_server.url(key)
 
 
-def keys_under(s3_server, prefix_url: str) -> list[str]:
-    prefix = prefix_url.split("/", 3)[3]
-    pages = s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=s3_server.bucket, Prefix=prefix)
-    return sorted(obj["Key"][len(prefix) + 1:] for page in pages for obj in page.get("Contents", []))
-
-
 def metrics_lines(s3_server, out_url: str) -> list[dict]:
     key = out_url.split("/", 3)[3] + "/metrics.jsonl"
     return [json.loads(line) for line in s3_server.get_bytes(key).decode().splitlines()]
@@ -64,7 +58,7 @@ def test_two_workers_through_ray_job_submit(ray_cluster, s3_server, job_inputs, 
     # One line per epoch in the job log (Ray Train's patched print once doubled every line).
     assert sum("epoch   1/2" in line for line in result.logs.splitlines()) == 1, result.logs[-3000:]
 
-    keys = keys_under(s3_server, out)
+    keys = s3_server.keys(out, relative=True)
     for required in ("model/model.keras", "model/vocab.json", "model/config.json", "metrics.jsonl", "loss.png",
                      "samples/epoch-001.txt", "samples/epoch-002.txt"):
         assert required in keys, keys

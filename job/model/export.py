@@ -59,6 +59,22 @@ def resolve(url: str) -> str:
     )
 
 
+def _check_checksum(folder: str, config: dict[str, Any], actual: str) -> None:
+    if config.get("model_sha256") and actual != config["model_sha256"]:
+        raise UserError(f"{folder}/{MODEL_FILE} does not match its config.json checksum (interrupted export?); "
+                        "re-run the export or training")
+
+
+def verify(folder: str, config: dict[str, Any]) -> None:
+    """Refuse a model.keras that is not the file its config.json was written with (damaged, or an export
+    interrupted between the two), streaming it: a command checks this before it writes anything of its own."""
+    digest = hashlib.sha256()
+    with storage.open_read(storage.join(folder, MODEL_FILE)) as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    _check_checksum(folder, config, digest.hexdigest())
+
+
 def load(url: str) -> Exported:
     import keras
 
@@ -71,9 +87,7 @@ def load(url: str) -> Exported:
         raise UserError(f"{storage.join(folder, CONFIG_FILE)} is not valid JSON; re-export the model") from None
     vocab = Vocab.from_json(storage.read_text(storage.join(folder, VOCAB_FILE)))
     blob = storage.read_bytes(storage.join(folder, MODEL_FILE))
-    if config.get("model_sha256") and hashlib.sha256(blob).hexdigest() != config["model_sha256"]:
-        raise UserError(f"{folder}/{MODEL_FILE} does not match its config.json checksum (interrupted export?); "
-                        "re-run the export or training")
+    _check_checksum(folder, config, hashlib.sha256(blob).hexdigest())
     with tempfile.TemporaryDirectory(prefix="charlstm-load-") as tmp:
         path = os.path.join(tmp, MODEL_FILE)
         with open(path, "wb") as f:

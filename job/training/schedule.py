@@ -95,7 +95,7 @@ def record_evaluation(history: list[dict[str, Any]], metrics: dict[str, Any]) ->
 def budget_action(stop: bool, elapsed: float, budget: float, world: int) -> str | None:
     """After a compiled call: "stop" when every worker stops now (a worker's budget flag came back all-reduced,
     or a lone worker's clock passed the budget); "signal" when this worker's clock passed it and the others
-    must learn so through the next step's all-reduce (so all stop after the same step); else None."""
+    must learn so through the next call's all-reduce (so all stop after the same step); else None."""
     if stop or (elapsed >= budget and world == 1):
         return "stop"
     return "signal" if elapsed >= budget else None

@@ -96,6 +96,8 @@ SMALL_STEP_MACS = 32_000_000
 # loss.png is redrawn at most this often (and at the run's last evaluation): drawing it takes ~0.13 s, 3% of an
 # epoch of Alice, and metrics.jsonl has every evaluation anyway.
 PLOT_EVERY_SECONDS = 30.0
+# How often a worker waiting out a drain looks for Ctrl-C / SIGTERM.
+WAIT_POLL_SECONDS = 0.5
 
 
 def compute_threads(cfg: TrainConfig, per_worker_batch: int, reserved: int) -> int:
@@ -229,8 +231,8 @@ def _replica_step(cfg: TrainConfig, model, opt, vocab_size: int, global_batch: i
         opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         # tf.identity places the flag on this replica; an argument passed straight through has no device and
         # MultiWorkerMirroredStrategy refuses to reduce it ("destinations can not be empty").
-        # signal = [over budget?, seconds elapsed]: summed over workers, so every worker stops after the same
-        # step and derives the same annealed learning rate from the same clock.
+        # signal = [over budget?, seconds elapsed, node being drained?]: summed over workers, so every worker
+        # stops (or checkpoints for a drain) after the same step and anneals from the same clock.
         signal = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(signal))
         return loss, [tf.stop_gradient(s) for s in new_states], signal
 
@@ -248,7 +250,7 @@ def compile_steps(cfg: TrainConfig, model, opt, strategy, vocab_size: int, globa
         # windows: (count, per-worker batch, seq_len + 1) ids, gathered from the memory map by the caller
         # (a corpus captured as a constant would be held whole by every worker).
         total = tf.constant(0.0)
-        summed = tf.zeros([2])
+        summed = tf.zeros([3])
         for i in range(count):
             w = windows[i]
             batch = (w[:, :-1], w[:, 1:] if all_positions else w[:, -1:])
@@ -294,6 +296,7 @@ class Trainer:
         self.states: list = []  # this worker's LSTM states (stateful presets), carried across steps
         self.sampler = None  # built on first use: a new Sampler would retrace every epoch
         self.over = 0.0  # becomes 1.0 once this worker's clock passes the budget (all-reduced with the next step)
+        self.draining = False  # every worker has learnt that a node of this run is being drained (preemption)
         self.agreed_elapsed = 0.0  # the workers' mean clock, as of the last all-reduce
         self.plotted = -math.inf  # when loss.png was last drawn
         self.parent = None  # the model a fine-tuning run started from (--init-from)
@@ -306,6 +309,8 @@ class Trainer:
             while p.epoch < self.cfg.epochs and not p.stopped_early:
                 if not self._train_epoch():
                     break  # the budget ran out exactly at an epoch boundary
+                if self.draining and p.epoch < self.cfg.epochs:
+                    self._wait_for_restart()  # the epoch's end was checkpointed as the drain became known
             if self.hooks:
                 self.hooks.at_end(self)
             final = dict(p.history[-1]) if p.history else {}
@@ -325,9 +330,10 @@ class Trainer:
             self.states = self._zero_states()
         started, chars = time.monotonic(), 0
         while p.step_in_epoch < steps_total:
-            count = 1 if self.over else steps_in_next_call(
-                cfg.steps_per_call, steps_total - p.step_in_epoch, p.global_step,
-                (cfg.checkpoint_every_steps, cfg.eval_every_steps))
+            # From agreed values only: every collective of a call pairs with the same one on the other workers,
+            # so a worker whose clock alone passed the budget still runs the call the others run.
+            count = steps_in_next_call(cfg.steps_per_call, steps_total - p.step_in_epoch, p.global_step,
+                                       (cfg.checkpoint_every_steps, cfg.eval_every_steps))
             stop, loss_sum = self._train_steps(plan, count)
             chars += count * self.chars_per_step
             if self.hooks:
@@ -345,9 +351,11 @@ class Trainer:
             if event == "evaluate":
                 self._evaluate("eval", steps_total, chars, time.monotonic() - started)
             elif event == "checkpoint":
-                last_val = p.history[-1]["val_loss"] if p.history else math.inf
-                self._report({"epoch": p.epoch, "global_step": p.global_step, "val_loss": last_val,
-                              "train_loss": p.epoch_loss_sum / p.step_in_epoch, "kind": "step"})
+                self._save_step_checkpoint("step")
+            if self.draining and p.step_in_epoch < steps_total:
+                if event is None:
+                    self._save_step_checkpoint("preemption")
+                self._wait_for_restart()
         if p.step_in_epoch == 0:
             return False
         self._evaluate("epoch", steps_total, chars, time.monotonic() - started)
@@ -359,12 +367,14 @@ class Trainer:
 
         cfg, p = self.cfg, self.progress
         self._apply_learning_rate(self.agreed_elapsed)
-        signal = tf.constant([self.over, p.elapsed_sec], dtype=tf.float32)
+        notice = 1.0 if self.session.preemption_notice() else 0.0
+        signal = tf.constant([self.over, p.elapsed_sec, notice], dtype=tf.float32)
         starts = data.shard(plan, self.rank, self.world, p.step_in_epoch, p.step_in_epoch + count)
         windows = data.gather_windows(self.train_ids, starts, cfg.seq_len)
         loss_sum, self.states, summed = self._steps(windows, self.states, signal, count)
-        stop, elapsed_sum = (float(x) for x in summed.numpy())
+        stop, elapsed_sum, drained = (float(x) for x in summed.numpy())
         self.agreed_elapsed = elapsed_sum / self.world
+        self.draining = self.draining or drained > 0
         p.step_in_epoch += count
         p.global_step += count
         p.epoch_loss_sum += float(loss_sum)
@@ -511,6 +521,29 @@ class Trainer:
         if not (self.cfg.stateful and self.states and self.progress.step_in_epoch):
             return None
         return self._gather(tf.concat(self.states, axis=1)).numpy()
+
+    def _save_step_checkpoint(self, kind: str) -> None:
+        """A checkpoint between evaluations: every --checkpoint-every-steps ("step"), or as a node of the run is
+        being drained ("preemption")."""
+        p = self.progress
+        last_val = p.history[-1]["val_loss"] if p.history else math.inf
+        self._report({"epoch": p.epoch, "global_step": p.global_step, "val_loss": last_val,
+                      "train_loss": p.epoch_loss_sum / p.step_in_epoch, "kind": kind})
+
+    def _wait_for_restart(self) -> None:
+        """A node of this run is being drained (a preemption announced to Ray: `ray drain-node`, the pods'
+        preStop hook, an autoscaler) and this step is checkpointed. A step trained from here would die with
+        the node, so none is: every worker waits until Ray Train stops the group (when the node goes or the
+        drain's deadline passes) and restarts the run from this checkpoint, on the nodes left (elastic) or once
+        capacity returns. Ctrl-C / `ray job stop` still end it."""
+        notice = self.session.preemption_notice()
+        deadline = getattr(notice, "deadline_ms", None)
+        when = f"deadline in {max(0.0, deadline / 1000 - time.time()):.0f} s" if deadline else "no deadline given"
+        self.session.log(f"a node of this run is being drained ({when}): checkpoint saved at global step "
+                         f"{self.progress.global_step}; waiting for Ray Train to restart the run from it")
+        while True:
+            check_interrupt()
+            time.sleep(WAIT_POLL_SECONDS)
 
     def _report(self, metrics: dict[str, Any]) -> None:
         # Events go up before the checkpoint: those past it are dropped on resume, but none up to it are missing.
