@@ -62,6 +62,11 @@ def test_output_required():
     ("epochz: 3\n", "unknown setting 'epochz'"),
     ("epochs: many\n", "epochs has an invalid value"),
     ("preset: huge\n", "unknown preset 'huge'"),
+    # Every setting with choices, checked from its declaration (a flag's value argparse checks itself).
+    ("select_by: best\n", r"unknown select_by 'best'; choose one of: val_loss, train_loss"),
+    ("input_dropout_unit: word\n", "unknown input_dropout_unit 'word'; choose one of: char, feature"),
+    ("placement_strategy: pack\n", "unknown placement_strategy 'pack'; choose one of: PACK, SPREAD"),
+    ("precision: fp8\n", "unknown precision 'fp8'"),
 ])
 def test_config_file_errors(tmp_path, text, error):
     bad = tmp_path / "bad.yaml"

@@ -66,6 +66,9 @@ RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
+# The field defaults below are these values, written once here.
+_DEFAULT = PRESETS["default"]
+
 DATA, MODEL, TRAINING, JOB = "corpus and data", "model (the preset sets these)", "training", \
     "distributed job (Ray Train) and outputs"
 
@@ -79,67 +82,76 @@ def setting(default: Any, help: str, group: str = TRAINING, **kwargs: Any) -> An
 class TrainConfig:
     """Everything one training run needs; passed unchanged to every Ray worker. The one schema of the settings:
     the flags of `python -m job.train`, their help and defaults, type coercion of config files and the export
-    list all come from these fields. The defaults are the `default` preset's (tests/test_config.py holds them
-    equal); a preset overrides some of them."""
+    list all come from these fields. The defaults are the `default` preset's (read from PRESETS, written there once);
+    a preset overrides some of them. `fixed` marks what a resumed run may not change."""
 
     corpus: str = setting(DEFAULT_CORPUS_URL, "UTF-8 text: a file, a folder / prefix (every file below it, "
                           "sorted) or a glob (s3://bucket/books/*.txt); s3://, https://, file:// or a local path. "
-                          "Default: Alice in Wonderland on Project Gutenberg.", DATA)
+                          "Default: Alice in Wonderland on Project Gutenberg.", DATA, fixed=True)
     output: str = setting("", "Where results go: local folder or s3://bucket/prefix (required).", JOB)
     dataset: str | None = setting(None, "Prepared dataset URL (python -m job.prepare); default <output>/data. "
                                   "Prepared there from --corpus unless it already holds one for the same files "
-                                  "and options.", DATA)
+                                  "and options.", DATA, fixed=True)
     min_char_count: int | None = setting(None, "Characters seen fewer times map to one unknown id that generation "
                                          "never emits (default: auto, 1 per 10M corpus chars: small corpora keep "
-                                         "every char).", DATA)
+                                         "every char).", DATA, fixed=True)
     skip_bad_files: bool = setting(False, "Skip (and count) empty, binary or non-UTF-8 files of a many-file corpus "
-                                   "instead of failing.", DATA)
-    val_fraction: float = setting(0.1, "Held-out fraction: the last part of each cleaned file.", DATA, export=True)
+                                   "instead of failing.", DATA, fixed=True)
+    val_fraction: float = setting(0.1, "Held-out fraction: the last part of each cleaned file.", DATA, export=True,
+                                  fixed=True)
     keep_case: bool = setting(False, "Keep upper case (default: lowercase, as the tutorial does).", DATA,
-                              export=True)
+                              export=True, fixed=True)
     init_from: str | None = setting(None, "Fine-tune: start from this trained model (a training --output, its "
                                      "model/ folder, or one checkpoint folder; s3:// or local) in a new --output. Its "
                                      "vocabulary comes first (new characters are appended), its settings are the "
                                      "defaults, and the learning rate is its own / 2 with --lr-patience 1 unless "
-                                     "given.", DATA)
+                                     "given.", DATA, fixed=True)
     vocab_from_init: bool = setting(False, "With --init-from: characters the parent lacks map to the unknown id "
-                                    "instead of being appended (the model's size stays the parent's).", DATA)
+                                    "instead of being appended (the model's size stays the parent's).", DATA,
+                                    fixed=True)
     preset: str = setting("default", "Model preset: seed-small / seed-large reproduce the tutorial's two models; "
                           "default is our stateful stacked LSTM, gpu the same sized for one GPU per worker "
-                          "(default: default).", MODEL, choices=tuple(PRESETS), export=True)
-    input_mode: str = setting("embedding", "Input: learned embedding of ids, or the tutorial's id / vocab size.",
-                              MODEL, choices=("embedding", "scaled"), export=True)
-    embed_dim: int = setting(64, "Embedding width (input_mode embedding).", MODEL, export=True)
-    units: list[int] = setting([192, 192], "LSTM sizes, one per layer.", MODEL, export=True)
-    dropout: float = setting(0.35, "Dropout after each LSTM.", MODEL, export=True)
-    input_dropout: float = setting(0.1, "Dropout on the embeddings fed to the first LSTM (input_mode embedding).",
-                                   MODEL, export=True)
-    input_dropout_unit: str = setting("char", "What --input-dropout drops: whole input characters (the embedding "
-                                      "vector of a position zeroed: the model must predict from context with "
-                                      "characters missing) or single embedding features.", MODEL,
+                          "(default: default).", MODEL, choices=tuple(PRESETS), export=True, fixed=True)
+    input_mode: str = setting(_DEFAULT["input_mode"], "Input: learned embedding of ids, or the tutorial's id / "
+                              "vocab size.", MODEL, choices=("embedding", "scaled"), export=True, fixed=True)
+    embed_dim: int = setting(_DEFAULT["embed_dim"], "Embedding width (input_mode embedding).", MODEL, export=True,
+                             fixed=True)
+    units: list[int] = setting(_DEFAULT["units"], "LSTM sizes, one per layer.", MODEL, export=True, fixed=True)
+    dropout: float = setting(_DEFAULT["dropout"], "Dropout after each LSTM.", MODEL, export=True)
+    input_dropout: float = setting(_DEFAULT["input_dropout"], "Dropout on the embeddings fed to the first LSTM "
+                                   "(input_mode embedding).", MODEL, export=True)
+    input_dropout_unit: str = setting(_DEFAULT["input_dropout_unit"], "What --input-dropout drops: whole input "
+                                      "characters (the embedding vector of a position zeroed: the model must "
+                                      "predict from context with characters missing) or single embedding "
+                                      "features.", MODEL,
                                       choices=("char", "feature"), export=True)
-    target: str = setting("all", "Loss on every position of a window, or on its last character (the tutorial).",
-                          MODEL, choices=("all", "last"), export=True)
-    stateful: bool = setting(True, "Carry LSTM states across consecutive windows (char-rnn's layout; target all).",
-                             MODEL, export=True)
-    seq_len: int = setting(50, "Window length in characters (the tutorial: 100).", MODEL, export=True)
-    batch_size: int = setting(64, "Per-worker batch size (global batch = this x workers, unless "
+    target: str = setting(_DEFAULT["target"], "Loss on every position of a window, or on its last character (the "
+                          "tutorial).", MODEL, choices=("all", "last"), export=True, fixed=True)
+    stateful: bool = setting(_DEFAULT["stateful"], "Carry LSTM states across consecutive windows (char-rnn's "
+                             "layout; target all).", MODEL, export=True, fixed=True)
+    seq_len: int = setting(_DEFAULT["seq_len"], "Window length in characters (the tutorial: 100).", MODEL,
+                           export=True, fixed=True)
+    batch_size: int = setting(_DEFAULT["batch_size"], "Per-worker batch size (global batch = this x workers, unless "
                               "--global-batch-size is given).", TRAINING, export=True)
-    epochs: int = setting(100, "Passes over the training text.")
+    epochs: int = setting(_DEFAULT["epochs"], "Passes over the training text.")
     max_minutes: float | None = setting(None, "Wall-clock budget; stops cleanly after the step that crosses it, "
                                         "keeping the best model (default: none).")
-    learning_rate: float = setting(6e-3, "Adam(W) learning rate.", export=True)
-    clip_norm: float = setting(5.0, "Clip the global gradient norm to this (0: off).", export=True)
-    weight_decay: float = setting(0.1, "Decoupled (AdamW) weight decay, biases excluded (0: Adam).", export=True)
-    lr_decay: float = setting(0.5, "Multiply the learning rate by this after --lr-patience epochs without "
-                              "improvement (1: never).", export=True)
-    lr_patience: int = setting(3, "Epochs without improvement before --lr-decay.", export=True)
-    lr_anneal: float = setting(0.3, "Fraction of the run (by --max-minutes or by steps, whichever ends it first) "
-                               "over which the learning rate is cosine-annealed to zero (0: off).", export=True)
-    weight_average: float = setting(0.99, "Evaluate and export an exponential moving average of the weights with "
-                                    "this momentum per optimizer step (0: off; e.g. 0.99 averages ~100 steps).",
+    learning_rate: float = setting(_DEFAULT["learning_rate"], "Adam(W) learning rate.", export=True)
+    clip_norm: float = setting(_DEFAULT["clip_norm"], "Clip the global gradient norm to this (0: off).", export=True)
+    weight_decay: float = setting(_DEFAULT["weight_decay"], "Decoupled (AdamW) weight decay, biases excluded "
+                                  "(0: Adam).", export=True)
+    lr_decay: float = setting(_DEFAULT["lr_decay"], "Multiply the learning rate by this after --lr-patience epochs "
+                              "without improvement (1: never).", export=True)
+    lr_patience: int = setting(_DEFAULT["lr_patience"], "Epochs without improvement before --lr-decay.", export=True)
+    lr_anneal: float = setting(_DEFAULT["lr_anneal"], "Fraction of the run (by --max-minutes or by steps, whichever "
+                               "ends it first) over which the learning rate is cosine-annealed to zero (0: off).",
+                               export=True)
+    weight_average: float = setting(_DEFAULT["weight_average"], "Evaluate and export an exponential moving average "
+                                    "of the weights with this momentum per optimizer step (0: off; e.g. 0.99 "
+                                    "averages ~100 steps).",
                                     export=True)
-    select_by: str = setting("val_loss", "Which loss picks the exported model.", choices=("val_loss", "train_loss"))
+    select_by: str = setting(_DEFAULT["select_by"], "Which loss picks the exported model.",
+                             choices=("val_loss", "train_loss"))
     seed: int = setting(0, "Random seed for weights, shuffling and dropout.", export=True)
     precision: str = setting("float32", "float32, or mixed_float16 / mixed_bfloat16 on GPUs.", choices=PRECISIONS,
                              export=True)
@@ -222,8 +234,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise UserError naming the first invalid setting and how to fix it."""
-        if self.preset not in PRESETS:
-            raise UserError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        schema.check_choices(self, UserError)
         if not self.output:
             raise UserError("--output is required: a local folder or an s3:// prefix for the results")
         _check(self.epochs >= 1, f"--epochs must be >= 1 (got {self.epochs})")
@@ -242,21 +253,15 @@ class TrainConfig:
         _check(not uneven, f"global batch {self.global_batch} cannot be split evenly over {uneven[0] if uneven else 0} "
                f"workers (--num-workers {self.workers_text}); choose a --global-batch-size that every worker count "
                f"in the range divides (e.g. {_lcm_multiple(self.global_batch, self.worker_counts)})")
-        _check(self.placement_strategy in PLACEMENTS,
-               f"--placement-strategy must be one of {', '.join(PLACEMENTS)} (got {self.placement_strategy!r})")
         _check(self.cpus_per_worker > 0, f"--cpus-per-worker must be > 0 (got {self.cpus_per_worker})")
         _check(self.cpu_threads >= 0, f"--cpu-threads must be >= 0, 0 for auto (got {self.cpu_threads})")
         _check(self.max_failures >= 0, f"--max-failures must be >= 0 (got {self.max_failures})")
         _check(self.checkpoint_every_steps >= 0,
                f"--checkpoint-every-steps must be >= 0 (got {self.checkpoint_every_steps})")
-        _check(self.precision in PRECISIONS,
-               f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1) (got {self.dropout})")
         _check(self.learning_rate > 0, f"learning_rate must be > 0 (got {self.learning_rate})")
         _check(bool(self.units) and all(int(u) >= 1 for u in self.units),
                f"units must be a non-empty list of positive sizes (got {self.units})")
-        _check(self.input_mode in ("scaled", "embedding"), "input_mode must be scaled|embedding")
-        _check(self.target in ("last", "all"), "target must be last|all")
         _check(not (self.stateful and self.target != "all"), "stateful training needs target=all")
         _check(0.0 <= self.input_dropout < 1.0, f"input_dropout must be in [0, 1) (got {self.input_dropout})")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")

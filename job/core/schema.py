@@ -13,12 +13,13 @@ from typing import Any
 
 def setting(default: Any, help: str, group: str | None = None, *, choices: tuple[str, ...] | None = None,  # noqa: A002
             export: bool = False, flag: bool = True, type: Any = None, name: str | None = None,  # noqa: A002
-            required: bool = False) -> Any:
+            required: bool = False, fixed: bool = False) -> Any:
     """A config field and what is said of it: `help`, argparse `group` and `choices`, whether the exported model
     records it (`export`), whether it is a flag at all, the flag's argparse `type` when it is not the field's,
-    its `name` when it is not the field's (`--print` for print_samples), and whether it is `required`."""
+    its `name` when it is not the field's (`--print` for print_samples), whether it is `required`, and whether a
+    resumed run must keep it (`fixed`: it shapes the model or the data and their order)."""
     meta = {"help": help, "group": group, "choices": choices, "export": export, "flag": flag, "type": type,
-            "name": name, "required": required}
+            "name": name, "required": required, "fixed": fixed}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -70,6 +71,19 @@ def add_defaults_to_help(parser: argparse.ArgumentParser, defaults: dict[str, An
             shown = ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" \
                 if isinstance(value, float) else value
             action.help += f" [{label}: {shown}]"
+
+
+def fixed_settings(cls: type) -> tuple[str, ...]:
+    """The fields of `cls` declared `fixed`, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("fixed"))
+
+
+def check_choices(cfg: Any, error: type[Exception]) -> None:
+    """A value from a config file (flags are checked by argparse) must be one of its setting's `choices`."""
+    for f in dataclasses.fields(cfg):
+        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if choices and value is not None and value not in choices:
+            raise error(f"unknown {f.name} {value!r}; choose one of: {', '.join(choices)}")
 
 
 def coerce(cfg: Any, error: type[Exception]) -> None:

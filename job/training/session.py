@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from job.core import guard, storage
+from job.core import guard, schema, storage
 from job.core.config import TrainConfig
 from job.core.errors import UserError
 from job.data import prepare
@@ -58,10 +58,9 @@ def complete_checkpoints(root: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-# Settings a run cannot change when it resumes: the model's shape and the data it sees in which order.
-RESUME_KEYS = ("preset", "input_mode", "embed_dim", "units", "target", "stateful", "seq_len", "keep_case",
-               "val_fraction", "min_char_count", "skip_bad_files", "corpus", "dataset", "init_from",
-               "vocab_from_init")
+# Settings a run cannot change when it resumes (declared `fixed` on the setting): the model's shape and the data it
+# sees in which order.
+RESUME_KEYS = schema.fixed_settings(TrainConfig)
 
 
 def resume_mismatches(saved: dict, cfg: TrainConfig) -> list[str]:
