@@ -60,7 +60,7 @@ def ray_tmp():
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 with bucket `charlstm-test`; AWS_* point at it for the whole session
-    (os.environ too, so in-process code such as job.storage talks to it)."""
+    (os.environ too, so in-process code such as job.core.storage talks to it)."""
     with e2e_helpers.s3_server(tmp_path_factory.mktemp("s3")) as server, pytest.MonkeyPatch.context() as mp:
         for key in list(os.environ):
             if key.startswith("AWS_"):

@@ -1,4 +1,5 @@
-"""job.cluster.autoscaler_running on live local Ray heads (127.0.0.1): only an autoscaler that can add nodes says yes.
+"""job.cluster.capacity.autoscaler_running on live local Ray heads (127.0.0.1): only an autoscaler that can add
+nodes says yes.
 
 Issue 26: the autoscaler-v2 flag in the GCS was taken for "this cluster can grow", but `ray start --head` turns it
 on by itself on every KubeRay pod (Ray >= 2.48: RAY_USAGE_STATS_KUBERAY_IN_USE + RAY_CLOUD_INSTANCE_ID +

@@ -1,4 +1,4 @@
-"""One writer per output location (job.guard's lease), and the plain-data guards that need no TensorFlow: outputs
+"""One writer per output location (job.core.guard's lease), and the plain-data guards that need no TensorFlow: outputs
 never feed inputs, non-regular corpus files, abandoned work folders, damaged datasets, prompt files, messages.
 Local paths here; the same lease over S3 (conditional PUTs against the local moto server) at the end."""
 

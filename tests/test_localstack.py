@@ -1,5 +1,5 @@
 """The local stack itself (infra/localstack.py): a Ray head that accepts `ray job submit --working-dir .`
-with token auth, whose jobs reach the local S3 through job.storage. This proves the harness every
+with token auth, whose jobs reach the local S3 through job.core.storage. This proves the harness every
 end-to-end test (and `make demo`) relies on, independently of the training job."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def test_job_submit_writes_to_local_s3(ray_cluster, s3_server):
                                 timeout=180)
     assert result.ok, result.describe()
     assert "wrote s3://" in result.logs
-    report = json.loads(s3_server.get_bytes(key))  # read back with boto3, not with job.storage
+    report = json.loads(s3_server.get_bytes(key))  # read back with boto3, not with job.core.storage
     assert report["smoke_env"] == marker  # --runtime-env-json env_vars reach the job
     assert report["auth_mode"] == "token"
     assert not report["venv_uploaded"]  # .gitignore keeps .venv out of the working-dir upload

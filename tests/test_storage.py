@@ -1,4 +1,4 @@
-"""job.storage against local paths, file:// URLs, a local http server and a live moto S3 server (real HTTP
+"""job.core.storage against local paths, file:// URLs, a local http server and a live moto S3 server (real HTTP
 on 127.0.0.1, no in-process mocks). No network beyond 127.0.0.1."""
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def make_cfg(corpus: str, output: Path, **over) -> TrainConfig:
 
 def read_events(folder: Path) -> dict[str, list[tuple[int, str, str, object]]]:
     """Event file name -> (step, tag, plugin, value) of every summary value, in file order. Read with
-    TensorFlow's own event-file iterator, not with job.tensorboard's code."""
+    TensorFlow's own event-file iterator, not with job.training.tensorboard's code."""
     import tensorflow as tf
 
     out = {}
