@@ -154,10 +154,10 @@ def test_worker_sigkilled_mid_epoch_resumes_from_latest_checkpoint(ray_cluster, 
     from e2e_helpers import pid_alive
 
     base = s3_prefix.split("/", 3)[3]
-    # ~25k chars: about 140 steps per epoch at global batch 8, so an epoch spans many 10-step checkpoints.
-    corpus = upload(s3_server, f"{base}/corpus.txt", textgen.book(25000).encode())
+    # ~14k chars: about 80 steps per epoch at global batch 8, so an epoch spans many 10-step checkpoints.
+    corpus = upload(s3_server, f"{base}/corpus.txt", textgen.book(14000).encode())
     config = upload(s3_server, f"{base}/tiny.yaml", yaml.safe_dump(TINY).encode())
-    out, interval, epochs = f"{s3_prefix}/run", 10, 3
+    out, interval, epochs = f"{s3_prefix}/run", 10, 2
     args = ["python", "-m", "job.train", "--corpus", corpus, "--output", out, "--config", config,
             "--num-workers", "2", "--epochs", str(epochs), "--run-name", "kill", "--max-failures", "2",
             "--checkpoint-every-steps", str(interval)]
