@@ -224,7 +224,7 @@ def test_dockerignore_keeps_what_the_dockerfile_copies():
         assert sources
         for src in sources:
             assert not dockerignore_excludes(src.rstrip("/")), src
-    assert not dockerignore_excludes("job/config.py")
+    assert not dockerignore_excludes("job/core/config.py")
 
 
 # --------------------------------------------------------------------------------------------- lock file
