@@ -260,9 +260,33 @@ def assess(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    m, a = results["machine"], results["assessment"]
-    peak = results["matmul"]["flops_per_sec"]
-    lines = [
+    """The run's Markdown report: machine, each part that ran, then the targets."""
+    lines = _header_markdown(results)
+    if results.get("training"):
+        lines += _training_markdown(results["training"])
+    if results.get("generation"):
+        lines += _generation_markdown(results["generation"])
+    if results.get("finetune"):
+        from bench import finetune_bench
+
+        lines += finetune_bench.markdown(results["finetune"])
+    if results.get("s3_scale"):
+        from bench import s3_bench
+
+        lines += ["## Corpora from S3", "", s3_bench.markdown(results["s3_scale"]), ""]
+    if results.get("node_loss"):
+        from bench import preempt_bench
+
+        lines += ["## Node loss: announced vs unannounced", "", preempt_bench.markdown(results["node_loss"]), ""]
+    lines += _targets_markdown(results["assessment"])
+    if "scaling" in results:
+        lines += scaling_markdown(results["scaling"])
+    return "\n".join(lines)
+
+
+def _header_markdown(results: dict[str, Any]) -> list[str]:
+    m, peak = results["machine"], results["matmul"]["flops_per_sec"]
+    return [
         f"# charlstm benchmark, {m['date']}",
         "",
         f"Machine: {m['platform']}, {m['cpus_usable'] or m['cpu_count']} usable CPU(s) "
@@ -272,94 +296,93 @@ def markdown(results: dict[str, Any]) -> str:
         f"**{peak / 1e9:,.1f} GFLOP/s** (median of {len(results['matmul']['samples_sec'])}).",
         "",
     ]
-    tr = results.get("training")
-    if tr:
-        tut, ours = tr["tutorial"], tr["ours"]
-        lines += [f"## Training, equal wall clock ({tr['seconds']:g} s each, in-process `train_func`)", ""]
-        if "error" in tut or "error" in ours:
-            lines += [f"- tutorial: {tut.get('error', 'ok')}; ours: {ours.get('error', 'ok')}", ""]
-        else:
-            def row(label, key, digits=3, ratio=True, fmt=None):
-                f = fmt or (lambda r: _fmt(r.get(key), digits))
-                rr = _fmt(_ratio(ours.get(key), tut.get(key)), 2) + "x" if ratio else ""
-                return f"| {label} | {f(tut)} | {f(ours)} | {rr} |"
 
-            def flops(r):
-                return f"{r['train_flops_per_sec_steps'] / 1e9:,.1f} ({100 * r['train_flops_fraction_of_matmul']:.0f}%)"
 
-            def epochs(r):
-                partial = ", last partial" if r["last_epoch_partial"] else ""
-                return f"{r['epochs_seen']:.3f} ({r['epochs_recorded']} point(s){partial})"
+def _training_markdown(tr: dict[str, Any]) -> list[str]:
+    tut, ours = tr["tutorial"], tr["ours"]
+    lines = [f"## Training, equal wall clock ({tr['seconds']:g} s each, in-process `train_func`)", ""]
+    if "error" in tut or "error" in ours:
+        lines += [f"- tutorial: {tut.get('error', 'ok')}; ours: {ours.get('error', 'ok')}", ""]
+    else:
+        def row(label, key, digits=3, ratio=True, fmt=None):
+            f = fmt or (lambda r: _fmt(r.get(key), digits))
+            rr = _fmt(_ratio(ours.get(key), tut.get(key)), 2) + "x" if ratio else ""
+            return f"| {label} | {f(tut)} | {f(ours)} | {rr} |"
 
-            lines += [
-                "| | tutorial (`seed-small`) | ours (`default`) | ours / tutorial |",
-                "|---|---:|---:|---:|",
-                row("held-out loss, nats/char (exported model, full held-out protocol)", "heldout_loss_nats", 4),
-                row("held-out bits/char", "heldout_bits_per_char", 4),
-                row("predicted chars/s, training steps (`chars_per_sec`)", "chars_per_sec_steps", 0),
-                row("predicted chars/s, overall (incl. compile, per-epoch eval/sample/export)",
-                    "chars_per_sec_overall", 0),
-                row("predicted chars seen", "train_chars", 0),
-                row("epochs seen (held-out points)", "epochs_seen", ratio=False, fmt=epochs),
-                row("exported model from epoch", "exported_epoch", ratio=False, fmt=lambda r: str(r["exported_epoch"])),
-                row("train GFLOP/s, approx. 3x forward (% of matmul)", "train_flops_per_sec_steps", ratio=True,
-                    fmt=flops),
-                "",
-                f"Per-epoch held-out points: tutorial = {tut['per_epoch_val_protocol']}; "
-                f"ours = {ours['per_epoch_val_protocol']}. Training FLOPs per predicted char: tutorial "
-                f"{tut['flops_train_per_predicted_char'] / 1e6:.1f} M (a whole 100-step window per char), ours "
-                f"{ours['flops_train_per_predicted_char'] / 1e6:.1f} M.",
-                "",
-            ]
-        if "job" in tr:
-            from bench import train_job
+        def flops(r):
+            return f"{r['train_flops_per_sec_steps'] / 1e9:,.1f} ({100 * r['train_flops_fraction_of_matmul']:.0f}%)"
 
-            lines += ["### The same, as users run it: the training CLI under local Ray", ""]
-            lines += train_job.markdown(tr["job"], ours)
-    gen = results.get("generation")
-    if gen:
-        tut, ours = gen["tutorial"], gen["ours"]
+        def epochs(r):
+            partial = ", last partial" if r["last_epoch_partial"] else ""
+            return f"{r['epochs_seen']:.3f} ({r['epochs_recorded']} point(s){partial})"
+
         lines += [
-            f"## Generation ({ours['model']}, untrained weights, temperature {ours['temperature']:g})", "",
-            "| method | batch | chars | chars/s | x tutorial | GFLOP/s | % of matmul |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-            f"| tutorial `model.predict` loop | 1 | {tut['chars']} | {tut['chars_per_sec']:,.1f} | 1.00x | "
-            f"{tut['flops_per_sec'] / 1e9:,.2f} | {100 * tut['flops_fraction_of_matmul']:.1f}% |",
-        ]
-        for r in ours["rows"]:
-            lines.append(
-                f"| ours, `Sampler` | {r['batch']} | {r['batch'] * r['length']:,} | {r['chars_per_sec']:,.0f} | "
-                f"{r['ratio_vs_tutorial']:,.0f}x | {r['flops_per_sec'] / 1e9:,.2f} | "
-                f"{100 * r['flops_fraction_of_matmul']:.1f}% |")
-        lines += [
+            "| | tutorial (`seed-small`) | ours (`default`) | ours / tutorial |",
+            "|---|---:|---:|---:|",
+            row("held-out loss, nats/char (exported model, full held-out protocol)", "heldout_loss_nats", 4),
+            row("held-out bits/char", "heldout_bits_per_char", 4),
+            row("predicted chars/s, training steps (`chars_per_sec`)", "chars_per_sec_steps", 0),
+            row("predicted chars/s, overall (incl. compile, per-epoch eval/sample/export)",
+                "chars_per_sec_overall", 0),
+            row("predicted chars seen", "train_chars", 0),
+            row("epochs seen (held-out points)", "epochs_seen", ratio=False, fmt=epochs),
+            row("exported model from epoch", "exported_epoch", ratio=False, fmt=lambda r: str(r["exported_epoch"])),
+            row("train GFLOP/s, approx. 3x forward (% of matmul)", "train_flops_per_sec_steps", ratio=True,
+                fmt=flops),
             "",
-            f"FLOPs per generated char: ours {ours['flops_per_generated_char'] / 1e6:.2f} M "
-            "(sum over layers of 2*4*u*(in+u), plus 2*u*V for the head; priming steps counted without the head); "
-            f"tutorial {tut['flops_per_char'] / 1e6:.2f} M (100 steps of 2*4*256*(1+256), plus 2*256*V). "
-            f"chars/s = batch x length / median seconds of {len(ours['rows'][0]['seconds'])} calls after a warm-up.",
+            f"Per-epoch held-out points: tutorial = {tut['per_epoch_val_protocol']}; "
+            f"ours = {ours['per_epoch_val_protocol']}. Training FLOPs per predicted char: tutorial "
+            f"{tut['flops_train_per_predicted_char'] / 1e6:.1f} M (a whole 100-step window per char), ours "
+            f"{ours['flops_train_per_predicted_char'] / 1e6:.1f} M.",
             "",
         ]
-        from job.core.config import PRESETS
+    if "job" in tr:
+        from bench import train_job
 
-        shipped = PRESETS["default"]["units"]
-        if list(ours["units"]) != list(shipped):
-            lines += [f"Note: the shipped `default` preset has LSTM {'x'.join(map(str, shipped))}; this run measured "
-                      f"{'x'.join(map(str, ours['units']))} (`--gen-units`).", ""]
-        if "job" in gen:
-            from bench import gen_job
-            from job.generate import CPU_BATCH
+        lines += ["### The same, as users run it: the training CLI under local Ray", ""]
+        lines += train_job.markdown(tr["job"], ours)
+    return lines
 
-            kernel = [r for r in ours["rows"] if r["batch"] == CPU_BATCH] + gen.get("plain", {}).get("rows", [])
-            lines += gen_job.markdown(gen["job"], kernel)
-    if results.get("finetune"):
-        from bench import finetune_bench
 
-        lines += finetune_bench.markdown(results["finetune"])
-    if results.get("s3_scale"):
-        from bench import s3_bench
+def _generation_markdown(gen: dict[str, Any]) -> list[str]:
+    tut, ours = gen["tutorial"], gen["ours"]
+    lines = [
+        f"## Generation ({ours['model']}, untrained weights, temperature {ours['temperature']:g})", "",
+        "| method | batch | chars | chars/s | x tutorial | GFLOP/s | % of matmul |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| tutorial `model.predict` loop | 1 | {tut['chars']} | {tut['chars_per_sec']:,.1f} | 1.00x | "
+        f"{tut['flops_per_sec'] / 1e9:,.2f} | {100 * tut['flops_fraction_of_matmul']:.1f}% |",
+    ]
+    for r in ours["rows"]:
+        lines.append(
+            f"| ours, `Sampler` | {r['batch']} | {r['batch'] * r['length']:,} | {r['chars_per_sec']:,.0f} | "
+            f"{r['ratio_vs_tutorial']:,.0f}x | {r['flops_per_sec'] / 1e9:,.2f} | "
+            f"{100 * r['flops_fraction_of_matmul']:.1f}% |")
+    lines += [
+        "",
+        f"FLOPs per generated char: ours {ours['flops_per_generated_char'] / 1e6:.2f} M "
+        "(sum over layers of 2*4*u*(in+u), plus 2*u*V for the head; priming steps counted without the head); "
+        f"tutorial {tut['flops_per_char'] / 1e6:.2f} M (100 steps of 2*4*256*(1+256), plus 2*256*V). "
+        f"chars/s = batch x length / median seconds of {len(ours['rows'][0]['seconds'])} calls after a warm-up.",
+        "",
+    ]
+    from job.core.config import PRESETS
 
-        lines += ["## Corpora from S3", "", s3_bench.markdown(results["s3_scale"]), ""]
-    lines += ["## Targets", "", "| target | measured | met? |", "|---|---:|:---:|"]
+    shipped = PRESETS["default"]["units"]
+    if list(ours["units"]) != list(shipped):
+        lines += [f"Note: the shipped `default` preset has LSTM {'x'.join(map(str, shipped))}; this run measured "
+                  f"{'x'.join(map(str, ours['units']))} (`--gen-units`).", ""]
+    if "job" in gen:
+        from bench import gen_job
+        from job.generate import CPU_BATCH
+
+        kernel = [r for r in ours["rows"] if r["batch"] == CPU_BATCH] + gen.get("plain", {}).get("rows", [])
+        lines += gen_job.markdown(gen["job"], kernel)
+    return lines
+
+
+def _targets_markdown(a: dict[str, Any]) -> list[str]:
+    lines = ["## Targets", "", "| target | measured | met? |", "|---|---:|:---:|"]
     if "target_loss" in a:
         t = a["target_loss"]
         note = "" if t["valid_budget"] else f" (only {t['seconds']:g} s here: not a valid test)"
@@ -375,9 +398,7 @@ def markdown(results: dict[str, Any]) -> str:
     if "target_finetune" in a:
         t = a["target_finetune"]
         lines.append(f"| {t['target']} | {t['measured']:.4f} nats | {_yes(t['met'])} |")
-    if "scaling" in results:
-        lines += scaling_markdown(results["scaling"])
-    return "\n".join(lines)
+    return lines
 
 
 def scaling_markdown(sc: dict[str, Any]) -> list[str]:
@@ -552,7 +573,6 @@ def main(argv: list[str] | None = None) -> int:
         from bench import preempt_bench
 
         results["node_loss"] = preempt_bench.run(text, workdir / "node-loss")
-        print("\n" + preempt_bench.markdown(results["node_loss"]), flush=True)
     samples += common.matmul_samples(args.matmul_n)  # again at the end: the machine is shared
     flops = common.matmul_flops(args.matmul_n, common.median(samples))
     results["matmul"] = {"n": args.matmul_n, "samples_sec": samples, "flops_per_sec": flops}
