@@ -233,56 +233,62 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def validate(self) -> TrainConfig:
-        """Raise UserError naming the first invalid setting and how to fix it."""
-        schema.check_choices(self, UserError)
-        if not self.output:
-            raise UserError("--output is required: a local folder or an s3:// prefix for the results")
-        _check(self.epochs >= 1, f"--epochs must be >= 1 (got {self.epochs})")
-        _check(0.0 < self.val_fraction <= 0.5, f"--val-fraction must be in (0, 0.5] (got {self.val_fraction})")
-        _check(self.seq_len >= 2, f"--seq-len must be >= 2 (got {self.seq_len})")
-        _check(self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})")
-        _check(self.max_minutes is None or self.max_minutes > 0,
-               f"--max-minutes must be > 0 (got {self.max_minutes})")
-        _check(self.num_workers >= 1, f"--num-workers must be >= 1 (got {self.num_workers})")
-        _check(0 <= self.min_workers <= self.num_workers,
-               f"--num-workers MIN-MAX needs 1 <= MIN <= MAX (got {self.workers_text})")
-        _check(self.capacity_wait_minutes is None or self.capacity_wait_minutes >= 0,
-               f"--capacity-wait-minutes must be >= 0 (got {self.capacity_wait_minutes})")
-        _check(self.global_batch_size >= 0, f"--global-batch-size must be >= 0 (got {self.global_batch_size})")
-        uneven = [n for n in self.worker_counts if self.global_batch % n]
-        _check(not uneven, f"global batch {self.global_batch} cannot be split evenly over {uneven[0] if uneven else 0} "
-               f"workers (--num-workers {self.workers_text}); choose a --global-batch-size that every worker count "
-               f"in the range divides (e.g. {_lcm_multiple(self.global_batch, self.worker_counts)})")
-        _check(self.cpus_per_worker > 0, f"--cpus-per-worker must be > 0 (got {self.cpus_per_worker})")
-        _check(self.cpu_threads >= 0, f"--cpu-threads must be >= 0, 0 for auto (got {self.cpu_threads})")
-        _check(self.max_failures >= 0, f"--max-failures must be >= 0 (got {self.max_failures})")
-        _check(self.checkpoint_every_steps >= 0,
-               f"--checkpoint-every-steps must be >= 0 (got {self.checkpoint_every_steps})")
-        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1) (got {self.dropout})")
-        _check(self.learning_rate > 0, f"learning_rate must be > 0 (got {self.learning_rate})")
-        _check(bool(self.units) and all(int(u) >= 1 for u in self.units),
-               f"units must be a non-empty list of positive sizes (got {self.units})")
-        _check(not (self.stateful and self.target != "all"), "stateful training needs target=all")
-        _check(0.0 <= self.input_dropout < 1.0, f"input_dropout must be in [0, 1) (got {self.input_dropout})")
-        _check(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})")
-        _check(0.0 < self.lr_decay <= 1.0, f"lr_decay must be in (0, 1] (got {self.lr_decay})")
-        _check(0.0 <= self.lr_anneal <= 1.0, f"lr_anneal must be in [0, 1] (got {self.lr_anneal})")
-        _check(0.0 <= self.weight_average < 1.0, f"--weight-average must be in [0, 1) (got {self.weight_average})")
-        _check(self.lr_patience >= 1, f"lr_patience must be >= 1 (got {self.lr_patience})")
-        _check(self.steps_per_call >= 1, f"steps_per_call must be >= 1 (got {self.steps_per_call})")
-        _check(self.checkpoints_to_keep >= 1, "checkpoints_to_keep must be >= 1")
-        _check(self.eval_every_steps >= 0, f"--eval-every-steps must be >= 0 (got {self.eval_every_steps})")
-        _check(self.log_every_seconds >= 0, f"--log-every-seconds must be >= 0 (got {self.log_every_seconds})")
-        _check(self.val_max_chars >= 100, f"--val-max-chars must be >= 100 (got {self.val_max_chars})")
-        _check(self.min_char_count is None or self.min_char_count >= 1,
-               f"--min-char-count must be >= 1 (got {self.min_char_count})")
-        _check(not (self.in_process and self.num_workers > 1),
-               "--in-process trains one worker; drop it or use --num-workers 1")
-        _check(not (self.vocab_from_init and not self.init_from), "--vocab-from-init needs --init-from")
-        _check(self.run_name is None or bool(RUN_NAME.fullmatch(self.run_name)),
-               f"--run-name must be one name of letters, digits, '-', '_' and '.', not starting with '.': it names "
-               f"folders inside --output (got {self.run_name!r})")
+        """Raise UserError naming the first invalid setting and how to fix it (check_settings)."""
+        check_settings(self)
         return self
+
+
+def check_settings(cfg: TrainConfig) -> None:
+    """Raise UserError naming the first invalid setting and how to fix it: choices from their declaration, then
+    the ranges and the combinations no single setting can say."""
+    schema.check_choices(cfg, UserError)
+    if not cfg.output:
+        raise UserError("--output is required: a local folder or an s3:// prefix for the results")
+    _check(cfg.epochs >= 1, f"--epochs must be >= 1 (got {cfg.epochs})")
+    _check(0.0 < cfg.val_fraction <= 0.5, f"--val-fraction must be in (0, 0.5] (got {cfg.val_fraction})")
+    _check(cfg.seq_len >= 2, f"--seq-len must be >= 2 (got {cfg.seq_len})")
+    _check(cfg.batch_size >= 1, f"--batch-size must be >= 1 (got {cfg.batch_size})")
+    _check(cfg.max_minutes is None or cfg.max_minutes > 0,
+           f"--max-minutes must be > 0 (got {cfg.max_minutes})")
+    _check(cfg.num_workers >= 1, f"--num-workers must be >= 1 (got {cfg.num_workers})")
+    _check(0 <= cfg.min_workers <= cfg.num_workers,
+           f"--num-workers MIN-MAX needs 1 <= MIN <= MAX (got {cfg.workers_text})")
+    _check(cfg.capacity_wait_minutes is None or cfg.capacity_wait_minutes >= 0,
+           f"--capacity-wait-minutes must be >= 0 (got {cfg.capacity_wait_minutes})")
+    _check(cfg.global_batch_size >= 0, f"--global-batch-size must be >= 0 (got {cfg.global_batch_size})")
+    uneven = [n for n in cfg.worker_counts if cfg.global_batch % n]
+    _check(not uneven, f"global batch {cfg.global_batch} cannot be split evenly over {uneven[0] if uneven else 0} "
+           f"workers (--num-workers {cfg.workers_text}); choose a --global-batch-size that every worker count "
+           f"in the range divides (e.g. {_lcm_multiple(cfg.global_batch, cfg.worker_counts)})")
+    _check(cfg.cpus_per_worker > 0, f"--cpus-per-worker must be > 0 (got {cfg.cpus_per_worker})")
+    _check(cfg.cpu_threads >= 0, f"--cpu-threads must be >= 0, 0 for auto (got {cfg.cpu_threads})")
+    _check(cfg.max_failures >= 0, f"--max-failures must be >= 0 (got {cfg.max_failures})")
+    _check(cfg.checkpoint_every_steps >= 0,
+           f"--checkpoint-every-steps must be >= 0 (got {cfg.checkpoint_every_steps})")
+    _check(0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1) (got {cfg.dropout})")
+    _check(cfg.learning_rate > 0, f"learning_rate must be > 0 (got {cfg.learning_rate})")
+    _check(bool(cfg.units) and all(int(u) >= 1 for u in cfg.units),
+           f"units must be a non-empty list of positive sizes (got {cfg.units})")
+    _check(not (cfg.stateful and cfg.target != "all"), "stateful training needs target=all")
+    _check(0.0 <= cfg.input_dropout < 1.0, f"input_dropout must be in [0, 1) (got {cfg.input_dropout})")
+    _check(cfg.weight_decay >= 0, f"weight_decay must be >= 0 (got {cfg.weight_decay})")
+    _check(0.0 < cfg.lr_decay <= 1.0, f"lr_decay must be in (0, 1] (got {cfg.lr_decay})")
+    _check(0.0 <= cfg.lr_anneal <= 1.0, f"lr_anneal must be in [0, 1] (got {cfg.lr_anneal})")
+    _check(0.0 <= cfg.weight_average < 1.0, f"--weight-average must be in [0, 1) (got {cfg.weight_average})")
+    _check(cfg.lr_patience >= 1, f"lr_patience must be >= 1 (got {cfg.lr_patience})")
+    _check(cfg.steps_per_call >= 1, f"steps_per_call must be >= 1 (got {cfg.steps_per_call})")
+    _check(cfg.checkpoints_to_keep >= 1, "checkpoints_to_keep must be >= 1")
+    _check(cfg.eval_every_steps >= 0, f"--eval-every-steps must be >= 0 (got {cfg.eval_every_steps})")
+    _check(cfg.log_every_seconds >= 0, f"--log-every-seconds must be >= 0 (got {cfg.log_every_seconds})")
+    _check(cfg.val_max_chars >= 100, f"--val-max-chars must be >= 100 (got {cfg.val_max_chars})")
+    _check(cfg.min_char_count is None or cfg.min_char_count >= 1,
+           f"--min-char-count must be >= 1 (got {cfg.min_char_count})")
+    _check(not (cfg.in_process and cfg.num_workers > 1),
+           "--in-process trains one worker; drop it or use --num-workers 1")
+    _check(not (cfg.vocab_from_init and not cfg.init_from), "--vocab-from-init needs --init-from")
+    _check(cfg.run_name is None or bool(RUN_NAME.fullmatch(cfg.run_name)),
+           f"--run-name must be one name of letters, digits, '-', '_' and '.', not starting with '.': it names "
+           f"folders inside --output (got {cfg.run_name!r})")
 
 
 def _lcm_multiple(value: int, counts: range) -> int:

@@ -1133,52 +1133,28 @@ def prepare(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fra
             head_chars: int = HEAD_CHARS, validate: Callable[[dict], None] | None = None,
             exclude: Iterable[str] = (), base_vocab: Vocab | None = None, new_to_unknown: bool = False,
             workers: int | None = None, log_every: float = 30.0) -> dict:
-    """Clean, split and encode the corpus at `corpus_url` into `output_url`; returns meta.json's contents.
-    Files below `output_url` and `exclude` (and other charlstm locations) are never read as corpus.
-    `workers`: child processes cleaning files side by side (None: auto_workers; 1: this process only); the
-    dataset is the same byte for byte. A progress line at most every `log_every` seconds (0: none).
+    """Clean, split and encode the corpus at `corpus_url` into `output_url`; returns meta.json's contents. Files
+    below `output_url` and `exclude` (and other charlstm locations) are never read as corpus. `workers`: child
+    processes cleaning files side by side (None: auto_workers; 1: this process only); the dataset is the same byte
+    for byte. A progress line at most every `log_every` seconds (0: none).
 
     `validate(meta)` may refuse the result (raise UserError) before anything is published: a corpus too short
     for the training settings leaves nothing in the output."""
     started = time.monotonic()
     options = make_options(lowercase, val_fraction, min_char_count, skip_bad_files, base_vocab, new_to_unknown)
-    storage.check_writable(output_url)
-    sources, notes = _listing(corpus_url, (output_url, *exclude))
-    for note in notes:
-        log(f"corpus {corpus_url}: {note}")
+    sources = _writable_and_listed(corpus_url, output_url, exclude, log)
     workers = auto_workers(sources) if workers is None else workers
-    known = [s.size for s in sources]
-    reading = Progress(corpus_url, sum(known) if None not in known else None, log_every, log)
+    reading = Progress(corpus_url, _listed_size(sources), log_every, log)
     with _staging(output_url) as tmp, contextlib.ExitStack() as stack:
         items, skipped, counts = _clean_all(sources, tmp, lowercase=lowercase, skip_bad_files=skip_bad_files,
                                             chunk_chars=chunk_chars, head_chars=head_chars, workers=workers,
                                             progress=reading)
-        counts = _add_counts(counts, np.zeros(ord("\n") + 1, np.int64))  # (counts is at least this long)
-        counts[ord("\n")] += len(items) - 1  # the blank line between files
+        counts = _with_separators(counts, len(items))
         total = int(counts.sum())
         resolved = resolve_min_char_count(options["min_char_count"], total)
-        added: list[str] = []
-        if base_vocab is None:
-            vocab = Vocab.from_counts(counts, resolved)
-            rare = (counts > 0) & (counts < resolved)
-        else:
-            vocab, added = extended_vocab(base_vocab, counts, resolved, new_to_unknown)
-            known = np.zeros(len(counts), bool)
-            real = [ord(c) for c in vocab.chars[: len(vocab) - vocab.has_unknown] if ord(c) < len(counts)]
-            known[real] = True
-            rare = (counts > 0) & ~known
-        if len(vocab) > MAX_IDS:
-            raise UserError(f"corpus has {len(vocab)} distinct characters, more than {MAX_IDS} ids fit; "
-                            "raise --min-char-count")
+        vocab, added, unknown = _choose_vocab(counts, resolved, base_vocab, new_to_unknown)
         splits = plan_splits([i.chars for i in items], val_fraction)
-        if all(s >= i.chars for s, i in zip(splits, items, strict=True)) or min(splits) < 1:
-            if len(items) == 1:
-                raise UserError(f"corpus too short: {total} chars leave no held-out part; use a longer corpus")
-            raise UserError(
-                f"corpus too short for a held-out part: each of its {len(items)} files needs more "
-                f"than {VAL_CONTEXT + 2} training chars before its last {val_fraction:.0%}, and the longest has "
-                f"{max(i.chars for i in items)} chars after cleaning; join short files into longer ones (e.g. cat "
-                "*.txt > all.txt) or add longer files")
+        _check_held_out(items, splits, total, val_fraction)
         dtype = dtype_for(len(vocab))
         encoding = Progress(corpus_url, sum(i.nbytes for i in items), log_every, log, unit="encoded")
         bins = stack.enter_context(_Bins(tmp, output_url, (total + len(items)) * np.dtype(dtype).itemsize))
@@ -1196,26 +1172,89 @@ def prepare(corpus_url: str, output_url: str, *, lowercase: bool = True, val_fra
             "val_context": VAL_CONTEXT,
             "val_segments": segments,
             "total_chars": total,
-            "files": [{"name": i.source.name, "size": i.raw_size, "version": i.source.version,
-                       "sha256": i.sha256, "cleaned_chars": i.chars, "train_chars": min(s, i.chars),
-                       "val_chars": i.chars - min(s, i.chars)} for i, s in zip(items, splits, strict=True)],
-            "skipped_files": skipped,
-            "corpus_sha256": _corpus_sha256(items),
-            "fingerprint": fingerprint(sources, options),
+            **_provenance(items, splits, skipped, fingerprint(sources, options)),
             "options": {**options, "min_char_count_resolved": resolved},
-            "unknown_chars": {"distinct": int(rare.sum()), "occurrences": int(counts[rare].sum()),
-                              "examples": [chr(c) for c in np.flatnonzero(rare)[:20]]},
+            "unknown_chars": unknown,
             "sha256": digests,
             "seconds": round(time.monotonic() - started, 3),
+            **({"vocab_parent": {"size": len(base_vocab), "added": added}} if base_vocab is not None else {}),
         }
-        if base_vocab is not None:
-            meta["vocab_parent"] = {"size": len(base_vocab), "added": added}
         meta["checksum"] = meta_checksum(meta)
         if validate is not None:
             validate(meta)
         bins.publish(meta)
     log(summary(meta, output_url))
     return meta
+
+
+def _writable_and_listed(corpus_url: str, output_url: str, exclude: Iterable[str],
+                         log: Callable[[str], None]) -> list:
+    """The corpus's files, once `output_url` is known to take files; what the listing left out, said in lines."""
+    storage.check_writable(output_url)
+    sources, notes = _listing(corpus_url, (output_url, *exclude))
+    for note in notes:
+        log(f"corpus {corpus_url}: {note}")
+    return sources
+
+
+def _listed_size(sources: list) -> int | None:
+    """The corpus's bytes as listed, None where a size is unknown (a URL without Content-Length)."""
+    sizes = [s.size for s in sources]
+    return sum(sizes) if None not in sizes else None
+
+
+def _with_separators(counts: np.ndarray, files: int) -> np.ndarray:
+    """The cleaned files' character counts plus the blank line written between two files."""
+    counts = _add_counts(counts, np.zeros(ord("\n") + 1, np.int64))  # (counts is at least this long)
+    counts[ord("\n")] += files - 1
+    return counts
+
+
+def _choose_vocab(counts: np.ndarray, resolved: int, base_vocab: Vocab | None,
+                  new_to_unknown: bool) -> tuple[Vocab, list[str], dict[str, Any]]:
+    """The dataset's vocabulary from the character counts (or a fine-tuning parent's, extended), the characters it
+    added to the parent's, and meta.json's summary of the characters that map to the unknown id."""
+    added: list[str] = []
+    if base_vocab is None:
+        vocab = Vocab.from_counts(counts, resolved)
+        rare = (counts > 0) & (counts < resolved)
+    else:
+        vocab, added = extended_vocab(base_vocab, counts, resolved, new_to_unknown)
+        known = np.zeros(len(counts), bool)
+        real = [ord(c) for c in vocab.chars[: len(vocab) - vocab.has_unknown] if ord(c) < len(counts)]
+        known[real] = True
+        rare = (counts > 0) & ~known
+    if len(vocab) > MAX_IDS:
+        raise UserError(f"corpus has {len(vocab)} distinct characters, more than {MAX_IDS} ids fit; "
+                        "raise --min-char-count")
+    unknown = {"distinct": int(rare.sum()), "occurrences": int(counts[rare].sum()),
+               "examples": [chr(c) for c in np.flatnonzero(rare)[:20]]}
+    return vocab, added, unknown
+
+
+def _provenance(items: list[_Cleaned], splits: list[int], skipped: list, fingerprint_: str) -> dict[str, Any]:
+    """What the dataset was made from: each file (name, size, version, sha256, its train / held-out chars), the
+    files skipped, the checksum of the cleaned corpus and the listing's fingerprint."""
+    return {
+        "files": [{"name": i.source.name, "size": i.raw_size, "version": i.source.version,
+                   "sha256": i.sha256, "cleaned_chars": i.chars, "train_chars": min(s, i.chars),
+                   "val_chars": i.chars - min(s, i.chars)} for i, s in zip(items, splits, strict=True)],
+        "skipped_files": skipped,
+        "corpus_sha256": _corpus_sha256(items),
+        "fingerprint": fingerprint_,
+    }
+
+
+def _check_held_out(items: list[_Cleaned], splits: list[int], total: int, val_fraction: float) -> None:
+    """Every file must leave training text before its held-out tail, and the tails must hold something."""
+    if all(s >= i.chars for s, i in zip(splits, items, strict=True)) or min(splits) < 1:
+        if len(items) == 1:
+            raise UserError(f"corpus too short: {total} chars leave no held-out part; use a longer corpus")
+        raise UserError(
+            f"corpus too short for a held-out part: each of its {len(items)} files needs more "
+            f"than {VAL_CONTEXT + 2} training chars before its last {val_fraction:.0%}, and the longest has "
+            f"{max(i.chars for i in items)} chars after cleaning; join short files into longer ones (e.g. cat "
+            "*.txt > all.txt) or add longer files")
 
 
 def summary(meta: dict, output_url: str) -> str:
