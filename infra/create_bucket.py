@@ -34,7 +34,7 @@ from job.core import storage
 from job.core.errors import UserError, run_cli
 
 DEFAULT_PREFIXES = ("corpora/", "runs/", "generations/")
-# Bucket name used in the checked-in infra/iam-policy.json and in k8s/kustomization.yaml.
+# Bucket name used in the checked-in infra/iam-policy.json and in k8s/settings/kustomization.yaml.
 EXAMPLE_BUCKET = "charlstm-data"
 LIFECYCLE_RULE_ID = "charlstm-expire-noncurrent-versions"
 ABORT_MULTIPART_DAYS = 7

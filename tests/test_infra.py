@@ -316,9 +316,11 @@ def test_policy_grants_only_on_the_job_prefixes():
 
 def test_policy_covers_every_s3_url_the_k8s_jobs_use():
     policy = json.loads(POLICY_FILE.read_text())
-    settings = yaml.safe_load((REPO / "k8s" / "kustomization.yaml").read_text())["configMapGenerator"][0]
+    settings = yaml.safe_load((REPO / "k8s" / "settings" / "kustomization.yaml").read_text())["configMapGenerator"][0]
     assert f"bucket={cb.EXAMPLE_BUCKET}" in settings["literals"]
-    for path in (REPO / "k8s").glob("rayjob-*.yaml"):
+    jobs = sorted((REPO / "k8s").rglob("rayjob-*.yaml"))
+    assert {p.name for p in jobs} == {"rayjob-train.yaml", "rayjob-generate.yaml"}, jobs
+    for path in jobs:
         entry = yaml.safe_load(path.read_text())["spec"]["entrypoint"]
         urls = [a for a in shlex.split(entry) if a.startswith("s3://")]
         assert urls
