@@ -44,7 +44,7 @@ def check_seed_small(vocab_size: int = 40) -> dict[str, Any]:
 
     from job.core.config import PRESETS, TrainConfig
     from job.model import model as model_lib
-    from job.training.worker import _make_optimizer
+    from job.training.steps import make_optimizer as _make_optimizer
 
     preset = PRESETS["seed-small"]
     diffs = [f"{k}: preset {preset.get(k)!r} != tutorial {v!r}" for k, v in TUTORIAL.items() if preset.get(k) != v]

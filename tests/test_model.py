@@ -102,7 +102,7 @@ def test_our_predicate_refuses_what_keras_refuses(settings, reason):
     ("seed-small", 128, 4, 4),  # the tutorial: 128 x 257 x 1024 = 34 M
 ])
 def test_cpu_threads_auto(preset, batch, reserved, threads):
-    from job.training.worker import compute_threads
+    from job.training.steps import compute_threads
 
     cfg = TrainConfig(**{**PRESETS[preset], "preset": preset, "output": "unused"})
     assert compute_threads(cfg, batch, reserved) == threads

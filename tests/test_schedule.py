@@ -77,3 +77,31 @@ def test_step_events_fall_on_their_steps_inside_an_epoch_only():
     assert step_event(31, True, eval_every=20, checkpoint_every=10) is None
     assert step_event(20, False, eval_every=20, checkpoint_every=10) is None  # the epoch's end evaluates anyway
     assert step_event(20, True, eval_every=0, checkpoint_every=0) is None
+
+
+def test_learning_rate_is_the_base_or_decayed_rate_annealed_by_the_further_of_steps_and_time():
+    from job.core.config import TrainConfig
+    from job.training.schedule import learning_rate, run_fraction
+
+    cfg = TrainConfig(learning_rate=0.01, lr_anneal=0.5)
+    assert learning_rate(cfg, 0.0, 0.2) == 0.01  # no decay yet: --learning-rate
+    assert learning_rate(cfg, 0.004, 0.2) == 0.004  # a plateau decayed it
+    assert learning_rate(cfg, 0.004, 0.75) == pytest.approx(0.002)  # halfway through the annealed half
+    assert learning_rate(cfg, 0.0, 1.0) == pytest.approx(0.0)
+    assert learning_rate(TrainConfig(learning_rate=0.01, lr_anneal=0.0), 0.0, 0.99) == 0.01
+    assert run_fraction(30, 100, 10.0, 100.0) == 0.3  # steps further than the clock
+    assert run_fraction(30, 100, 60.0, 100.0) == 0.6  # the clock further than the steps
+    assert run_fraction(30, 0, 0.0, float("inf")) == 30.0  # no plan: by steps alone, no budget
+
+
+def test_an_evaluation_of_an_epoch_cut_short_is_partial_and_an_eval_never_is():
+    from job.training.schedule import evaluation_metrics
+
+    p = SimpleNamespace(epoch=2, step_in_epoch=5, global_step=25, epoch_loss_sum=10.0, elapsed_sec=3.0,
+                        train_chars=1000)
+    cut = evaluation_metrics(p, 4, "epoch", 10, 1.5, 200.0, 9.0)
+    assert cut["partial_epoch"] and cut["epoch"] == 3 and cut["epoch_float"] == 2.5 and cut["train_loss"] == 2.0
+    assert not evaluation_metrics(p, 4, "eval", 10, 1.5, 200.0, 9.0)["partial_epoch"]
+    p.step_in_epoch = 10
+    assert not evaluation_metrics(p, 4, "epoch", 10, 1.5, 200.0, 9.0)["partial_epoch"]
+    assert cut["val_bpc"] == pytest.approx(1.5 / 0.6931471805599453)

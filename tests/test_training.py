@@ -206,10 +206,10 @@ def test_weight_average_is_evaluated_and_exported_while_training_continues_from_
 
 def test_loss_plot_is_drawn_at_most_every_interval_and_at_the_last_evaluation(tiny_corpus, tmp_path, monkeypatch):
     from job.core import report
-    from job.training import worker
+    from job.training import outputs
 
     drawn = []
-    monkeypatch.setattr(worker, "PLOT_EVERY_SECONDS", 3600.0)  # longer than the run on any machine
+    monkeypatch.setattr(outputs, "PLOT_EVERY_SECONDS", 3600.0)  # longer than the run on any machine
     monkeypatch.setattr(report, "loss_plot_png", lambda history, title: drawn.append(len(history)) or b"png")
     train_func(make_cfg("default", tiny_corpus, tmp_path / "out", epochs=4).to_dict())
     assert drawn == [1, 4]

@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from job.core.report import format_seconds
+from job.core.config import TrainConfig
+from job.core.report import bits, format_seconds
 
 
 def anneal_factor(done: float, anneal: float) -> float:
@@ -20,6 +21,17 @@ def anneal_factor(done: float, anneal: float) -> float:
     if done <= start:
         return 1.0
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (done - start) / anneal)))
+
+
+def run_fraction(global_step: int, planned_steps: int, elapsed: float, budget_sec: float) -> float:
+    """How much of the run is over: by steps or by the time budget, whichever is further."""
+    return max(global_step / max(1, planned_steps), elapsed / budget_sec)
+
+
+def learning_rate(cfg: TrainConfig, decayed: float, done: float) -> float:
+    """The rate of the next step: the base rate (--learning-rate, or `decayed` once plateaus have decayed it; 0:
+    none has) times the anneal factor at `done` (run_fraction)."""
+    return (decayed or cfg.learning_rate) * anneal_factor(done, cfg.lr_anneal)
 
 
 def due(global_step: int, every: int) -> bool:
@@ -77,6 +89,20 @@ def progress_line(progress: Any, epochs: int, steps_in_epoch: int, total_steps: 
     return (f"step {p.global_step:,}  epoch {p.epoch + 1}/{epochs} ({100 * p.step_in_epoch / steps_in_epoch:.0f}%)  "
             f"loss {interval.loss:.4f}  {interval.chars_per_sec:,.0f} chars/s  "
             f"elapsed {format_seconds(p.elapsed_sec)}  eta {format_seconds(eta_seconds(p, total_steps, budget_sec))}")
+
+
+def evaluation_metrics(progress: Any, epochs: int, kind: str, steps_in_epoch: int, val_loss: float,
+                       chars_per_sec: float, eta_sec: float) -> dict[str, Any]:
+    """An evaluation's metrics line: at an epoch's end (kind "epoch"; partial when the time budget cut the epoch
+    short) or every --eval-every-steps ("eval")."""
+    p = progress
+    return {
+        "epoch": p.epoch + 1, "epochs": epochs, "epoch_float": p.epoch + p.step_in_epoch / steps_in_epoch,
+        "global_step": p.global_step, "train_loss": p.epoch_loss_sum / max(1, p.step_in_epoch),
+        "val_loss": val_loss, "val_bpc": bits(val_loss), "chars_per_sec": chars_per_sec, "elapsed_sec": p.elapsed_sec,
+        "eta_sec": eta_sec, "train_chars": p.train_chars,
+        "partial_epoch": kind == "epoch" and p.step_in_epoch < steps_in_epoch, "kind": kind,
+    }
 
 
 def record_evaluation(history: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
