@@ -61,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     p.add_argument("--corpus", default=os.environ.get("CORPUS"),
                    help="Local path (or file:// URL) of the corpus; default: $CORPUS. Never downloaded.")
-    p.add_argument("--only", choices=("train", "gen", "scale", "corpus", "s3", "finetune", "preempt"),
+    p.add_argument("--only", choices=tuple(SECTIONS),
                    help="Run only the training, generation, scaling, corpus-scale, S3-scale, fine-tuning or "
                         "node-loss part.")
     p.add_argument("--corpus2", default=os.environ.get("CORPUS2"),
@@ -501,6 +501,87 @@ def plot_gen(results: dict[str, Any], path: Path) -> None:
 # ------------------------------------------------------------------------------------------ main
 
 
+def _training(args, corpus: str, text: str, vocab_size: int, workdir: Path, out: Path) -> dict[str, Any]:
+    from bench import tutorial
+
+    check = tutorial.check_seed_small(vocab_size)
+    if not check["matches"]:
+        print(f"WARNING: seed-small differs from the tutorial: {check['differences']}", flush=True)
+    found = {"seconds": args.seconds, "tutorial_check": check,
+             "tutorial": run_training("seed-small", corpus, args.seconds, workdir),
+             "ours": run_training("default", corpus, args.seconds, workdir)}
+    if args.train_job:
+        from bench import train_job
+
+        found["job"] = train_job.run(corpus, workdir, args.seconds)
+    return found
+
+
+def _finetune(args, corpus: str, text: str, vocab_size: int, workdir: Path, out: Path) -> dict[str, Any]:
+    from bench import finetune_bench
+
+    corpus2 = check_corpus(args.corpus2) if args.corpus2 else None
+    found = finetune_bench.run(corpus, corpus2, workdir, args.seconds, args.finetune_seconds)
+    finetune_bench.plot(found, out / f"finetune{'-finetune' if args.only else ''}.png")
+    return found
+
+
+def _corpus_scale(args, corpus: str, text: str, vocab_size: int, workdir: Path, out: Path) -> dict[str, Any]:
+    found = corpus_bench.run(text, workdir / "corpus-scale", args.corpus_sizes, args.corpus_minutes)
+    (out / "corpus_scale.json").write_text(json.dumps(found, indent=2, sort_keys=True))
+    (out / "corpus_scale.md").write_text(corpus_bench.markdown(found) + "\n")
+    corpus_bench.plot(found, out / "corpus_scale.png")
+    print("\n" + corpus_bench.markdown(found), flush=True)
+    return found
+
+
+def _s3_scale(args, corpus: str, text: str, vocab_size: int, workdir: Path, out: Path) -> dict[str, Any]:
+    from bench import s3_bench
+
+    found = s3_bench.run(text, workdir / "s3-scale", args.s3_size_mb)
+    (out / "s3_scale.json").write_text(json.dumps(found, indent=2, sort_keys=True))
+    (out / "s3_scale.md").write_text(s3_bench.markdown(found) + "\n")
+    print("\n" + s3_bench.markdown(found), flush=True)
+    return found
+
+
+def _node_loss(args, corpus: str, text: str, vocab_size: int, workdir: Path, out: Path) -> dict[str, Any]:
+    from bench import preempt_bench
+
+    return preempt_bench.run(text, workdir / "node-loss")
+
+
+# --only name -> (results key, runner), in the order a full run takes them.
+SECTIONS = {
+    "train": ("training", _training),
+    "gen": ("generation", lambda args, corpus, text, vocab_size, workdir, out:
+            run_generation(args, vocab_size, corpus, workdir)),
+    "finetune": ("finetune", _finetune),
+    "scale": ("scaling", lambda args, corpus, text, vocab_size, workdir, out:
+              run_scaling(args, corpus, workdir, vocab_size)),
+    "corpus": ("corpus_scale", _corpus_scale),
+    "s3": ("s3_scale", _s3_scale),
+    "preempt": ("node_loss", _node_loss),
+}
+
+
+def _write(results: dict[str, Any], only: str | None, out: Path) -> None:
+    # A partial run (--only) writes its own file and leaves the full run's JSON and latest.md as they are.
+    stamp = results["machine"]["date"] + (f"-{only}" if only else "")
+    (out / f"{stamp}.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    suffix = f"-{only}" if only else ""  # a partial run keeps the full run's plots too
+    if "training" in results and any("error" not in results["training"][k] for k in ("tutorial", "ours")):
+        plot_loss(results, out / f"loss_vs_time{suffix}.png")
+    if "generation" in results:
+        plot_gen(results, out / f"gen_chars_per_sec{suffix}.png")
+    table = markdown(results)
+    if not only:
+        (out / "latest.md").write_text(table + "\n")
+    print("\n" + table, flush=True)
+    print(f"\nwrote {out / f'{stamp}.json'}{'' if only else ', ' + str(out / 'latest.md')} and plots in {out}",
+          flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.gen_units is None:
@@ -526,72 +607,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"== matmul reference ({args.matmul_n}x{args.matmul_n} fp32)", flush=True)
     samples = common.matmul_samples(args.matmul_n)
-
-    if args.only in (None, "train"):
-        from bench import tutorial
-
-        check = tutorial.check_seed_small(vocab_size)
-        if not check["matches"]:
-            print(f"WARNING: seed-small differs from the tutorial: {check['differences']}", flush=True)
-        results["training"] = {
-            "seconds": args.seconds,
-            "tutorial_check": check,
-            "tutorial": run_training("seed-small", corpus, args.seconds, workdir),
-            "ours": run_training("default", corpus, args.seconds, workdir),
-        }
-        if args.train_job:
-            from bench import train_job
-
-            results["training"]["job"] = train_job.run(corpus, workdir, args.seconds)
-    if args.only in (None, "gen"):
-        results["generation"] = run_generation(args, vocab_size, corpus, workdir)
-
-    if args.only in (None, "finetune"):
-        from bench import finetune_bench
-
-        corpus2 = check_corpus(args.corpus2) if args.corpus2 else None
-        results["finetune"] = finetune_bench.run(corpus, corpus2, workdir, args.seconds, args.finetune_seconds)
-        finetune_bench.plot(results["finetune"], out / f"finetune{'-finetune' if args.only else ''}.png")
-    if args.only in (None, "scale"):
-        results["scaling"] = run_scaling(args, corpus, workdir, vocab_size)
-    if args.only in (None, "corpus"):
-        cs = corpus_bench.run(text, workdir / "corpus-scale", args.corpus_sizes, args.corpus_minutes)
-        results["corpus_scale"] = cs
-        (out / "corpus_scale.json").write_text(json.dumps(cs, indent=2, sort_keys=True))
-        (out / "corpus_scale.md").write_text(corpus_bench.markdown(cs) + "\n")
-        corpus_bench.plot(cs, out / "corpus_scale.png")
-        print("\n" + corpus_bench.markdown(cs), flush=True)
-    if args.only in (None, "s3"):
-        from bench import s3_bench
-
-        s3 = s3_bench.run(text, workdir / "s3-scale", args.s3_size_mb)
-        results["s3_scale"] = s3
-        (out / "s3_scale.json").write_text(json.dumps(s3, indent=2, sort_keys=True))
-        (out / "s3_scale.md").write_text(s3_bench.markdown(s3) + "\n")
-        print("\n" + s3_bench.markdown(s3), flush=True)
-    if args.only in (None, "preempt"):
-        from bench import preempt_bench
-
-        results["node_loss"] = preempt_bench.run(text, workdir / "node-loss")
+    for name, (key, section) in SECTIONS.items():
+        if args.only in (None, name):
+            results[key] = section(args, corpus, text, vocab_size, workdir, out)
     samples += common.matmul_samples(args.matmul_n)  # again at the end: the machine is shared
     flops = common.matmul_flops(args.matmul_n, common.median(samples))
     results["matmul"] = {"n": args.matmul_n, "samples_sec": samples, "flops_per_sec": flops}
     results["assessment"] = assess(results)
-
-    # A partial run (--only) writes its own file and leaves the full run's JSON and latest.md as they are.
-    stamp = results["machine"]["date"] + (f"-{args.only}" if args.only else "")
-    (out / f"{stamp}.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    suffix = f"-{args.only}" if args.only else ""  # a partial run keeps the full run's plots too
-    if "training" in results and any("error" not in results["training"][k] for k in ("tutorial", "ours")):
-        plot_loss(results, out / f"loss_vs_time{suffix}.png")
-    if "generation" in results:
-        plot_gen(results, out / f"gen_chars_per_sec{suffix}.png")
-    table = markdown(results)
-    if not args.only:
-        (out / "latest.md").write_text(table + "\n")
-    print("\n" + table, flush=True)
-    print(f"\nwrote {out / f'{stamp}.json'}{'' if args.only else ', ' + str(out / 'latest.md')} and plots in {out}",
-          flush=True)
+    _write(results, args.only, out)
     failed = [k for k in ("tutorial", "ours") if "error" in results.get("training", {}).get(k, {})]
     return 1 if failed else 0
 

@@ -46,12 +46,28 @@ def epoch_rates(history: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def run(preset: str, corpus_url: str, seconds: float, workdir: str) -> dict[str, Any]:
-    from job.core.config import PRESETS, TrainConfig
+def _score_exported(cfg, corpus_url: str, workdir: str) -> tuple[Any, dict[str, Any], int, float]:
+    """The exported model (best epoch by the preset's select_by) scored with the full protocol; also the chars an
+    epoch predicts and the seconds scoring took."""
+    from job.core.config import TrainConfig
     from job.data import corpus as corpus_lib
     from job.data import windows as data
     from job.model import export
     from job.model.scoring import evaluate
+
+    t1 = time.perf_counter()
+    exported = export.load(workdir)
+    ecfg = TrainConfig.from_dict(exported.config)
+    text = corpus_lib.load(corpus_url, lowercase=exported.config.get("lowercase", True)).text
+    heldout = evaluate(exported.model, ecfg, exported.vocab, text, cfg.val_fraction)
+    eval_sec = time.perf_counter() - t1
+    n_train = corpus_lib.split_point(len(text), cfg.val_fraction)
+    plan = (data.stream_plan if cfg.stateful else data.sliding_plan)(n_train, cfg.seq_len, cfg.batch_size, 0, cfg.seed)
+    return exported, heldout, plan.size * (cfg.seq_len if cfg.target == "all" else 1), eval_sec
+
+
+def run(preset: str, corpus_url: str, seconds: float, workdir: str) -> dict[str, Any]:
+    from job.core.config import PRESETS, TrainConfig
     from job.training.worker import train_func
 
     shutil.rmtree(workdir, ignore_errors=True)  # an old checkpoint there would be resumed
@@ -66,18 +82,8 @@ def run(preset: str, corpus_url: str, seconds: float, workdir: str) -> dict[str,
     if not history:
         raise RuntimeError(f"{metrics_path} is empty: the run recorded no epoch")
 
-    # The exported model (best epoch by the preset's select_by) scored with the full protocol.
-    t1 = time.perf_counter()
-    exported = export.load(workdir)
-    ecfg = TrainConfig.from_dict(exported.config)
-    text = corpus_lib.load(corpus_url, lowercase=exported.config.get("lowercase", True)).text
-    heldout = evaluate(exported.model, ecfg, exported.vocab, text, cfg.val_fraction)
-    eval_sec = time.perf_counter() - t1
-
+    exported, heldout, chars_per_epoch, eval_sec = _score_exported(cfg, corpus_url, workdir)
     vocab = len(exported.vocab)
-    n_train = corpus_lib.split_point(len(text), cfg.val_fraction)
-    plan = (data.stream_plan if cfg.stateful else data.sliding_plan)(n_train, cfg.seq_len, cfg.batch_size, 0, cfg.seed)
-    chars_per_epoch = plan.size * (cfg.seq_len if cfg.target == "all" else 1)
     last = history[-1]
     rates = epoch_rates(history)
     fwd = common.forward_flops_per_predicted_char(cfg, vocab)
