@@ -1,8 +1,8 @@
 """The training job as users run it: `python -m job.train --corpus C --output O --max-minutes M` and nothing else
 (local Ray started by the CLI, one worker, the default preset), timed end to end beside the in-process figures.
 
-The held-out loss is that of the exported model under the full §3 protocol (`python -m job.evaluate`), as for
-the in-process runs, so the two are comparable.
+The held-out loss is that of the exported model under the full held-out protocol of docs/data.md
+(`python -m job.evaluate`), as for the in-process runs, so the two are comparable.
 """
 
 from __future__ import annotations
