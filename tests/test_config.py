@@ -45,6 +45,7 @@ def test_precedence_preset_file_flags(tmp_path):
         (["--max-minutes", "-1"], "--max-minutes"),
         (["--num-workers", "0"], "--num-workers"),
         (["--in-process", "--num-workers", "2"], "--in-process"),
+        (["--num-workers", "1-2", "--elastic-resize-seconds", "0.5"], "--elastic-resize-seconds must be >= 1"),
     ],
 )
 def test_invalid_numbers(flags, message):

@@ -6,7 +6,8 @@ A whole node is SIGKILLed (raylet, agents and the Ray Train worker on it, as a p
 between two step checkpoints:
 - fixed `--num-workers 2`: a replacement node joins, the group restarts on it, the run finishes;
 - elastic `--num-workers 1-2`: the run goes on with the surviving worker without waiting, at the same global
-  batch, and its losses equal those of a run that never lost a node.
+  batch; once a node joins it grows back to 2 workers (`--elastic-resize-seconds`), and its losses equal those of
+  a run that never lost a node.
 
 A node drained first (`ray drain-node`, reason preemption, with a deadline: what a cloud's notice, the pods'
 preStop hook or an autoscaler sends) costs no step: the run checkpoints at the next step, waits, and goes on from
@@ -20,6 +21,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import e2e_helpers
 import pytest
@@ -38,6 +40,39 @@ EPOCHS = 2
 # Ray Train waits this long for a worker group it believes fits (the AutoscalingCoordinator still counts the
 # dead node's CPU for a moment) before retrying with what is left; its default, 60 s, only slows the test.
 START_TIMEOUT = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+# Loaded into the elastic run's workers (CHARLSTM_HOOKS): a group of one worker holds after its first step
+# checkpoint until Ray Train restarts it on more workers (or the bound passes). A node that joins counts for Ray
+# Train only at its next look at the cluster, up to ~25 s later: without the hold the run could end on one worker
+# first, and with it the grown group must start from a checkpoint the single worker wrote.
+HOLD_HOOKS = """
+import os
+import sys
+import time
+
+_saved = None  # the step of this process's first step checkpoint
+
+
+def after_step(trainer):
+    global _saved
+    step = trainer.progress.global_step
+    if trainer.world != 1 or _saved == -1:
+        return
+    if _saved is None:
+        if step % trainer.cfg.checkpoint_every_steps == 0:
+            _saved = step  # saved right after this hook returns
+        return
+    sys.stdout.write(f"test hold: 1 worker, checkpoint at global step {_saved}; waiting to grow\\n")
+    sys.stdout.flush()
+    deadline = time.monotonic() + float(os.environ["CHARLSTM_TEST_HOLD_SECONDS"])
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+    _saved = -1
+
+
+def at_end(trainer):
+    pass
+"""
+HELD = re.compile(r"test hold: 1 worker, checkpoint at global step (\d+); waiting to grow")
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +103,11 @@ def _newest_step(out: str, run: str) -> int:
     return found[-1][0] if found else -1
 
 
-def _run_until_checkpoint_then_kill(cluster, args: list[str], out: str, run: str):
+def _run_until_checkpoint_then_kill(cluster, args: list[str], out: str, run: str, env: dict[str, str] = START_TIMEOUT):
     """Start the job, check its two workers were spread over the two nodes, SIGKILL the node of one of them
     once a mid-epoch step checkpoint is in S3 and before the next. Returns (submission, newest step at kill)."""
     before = {a["actor_id"] for a in cluster.train_actors()}
-    job = cluster.start(args, env=START_TIMEOUT)
+    job = cluster.start(args, env=env)
     deadline = time.monotonic() + 240
     while _newest_step(out, run) < 2 * INTERVAL:
         assert job.proc.poll() is None, job.wait(10).describe()
@@ -135,26 +170,47 @@ def test_fixed_size_run_survives_a_lost_node_once_a_replacement_joins(cluster, i
     assert final["workers"] == 2 and final["global_batch"] == 8
 
 
-def test_elastic_run_continues_on_the_surviving_node_with_the_same_losses(cluster, inputs, tmp_path):
+def test_elastic_run_continues_on_the_surviving_node_and_grows_back_with_the_same_losses(cluster, inputs, tmp_path):
     corpus, config, out = inputs
     cluster.ensure_nodes(2)
-    args = _spread_run(inputs, "el", "--num-workers", "1-2", "--seed", "3")
-    job, at_kill = _run_until_checkpoint_then_kill(cluster, args, out, "el")
-    result = job.wait(420)  # no replacement: the run must not wait for one
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "elastic_hold.py").write_text(HOLD_HOOKS)
+    # Every node runs on this machine: the workers import the hook from the test's folder.
+    env = {**START_TIMEOUT, "PYTHONPATH": str(hooks), "CHARLSTM_HOOKS": "elastic_hold",
+           "CHARLSTM_TEST_HOLD_SECONDS": "300"}
+    args = _spread_run(inputs, "el", "--num-workers", "1-2", "--seed", "3", "--elastic-resize-seconds", "5")
+    job, at_kill = _run_until_checkpoint_then_kill(cluster, args, out, "el", env)
+    # No replacement yet: the run must go on without one, on the surviving worker.
+    deadline = time.monotonic() + 300
+    while not (held := HELD.findall(cluster.job_logs(job.job_id))):
+        assert job.proc.poll() is None, job.wait(10).describe()
+        assert time.monotonic() < deadline, cluster.job_logs(job.job_id)[-3000:]
+        time.sleep(0.5)
+    cluster.add_node()  # capacity returns
+    result = job.wait(420)
     assert result.ok, result.describe()
-    # Once, not once per node: each node forwards only its own workers' lines (a temp dir of its own).
-    assert result.logs.count("2 worker(s), global batch 8 (4 per worker)") == 1, result.logs[-3000:]
-    assert "1 worker(s), global batch 8 (8 per worker)" in result.logs, result.logs[-3000:]
-    step = _resumes(result.logs)[0][2]
-    assert step >= at_kill and step % INTERVAL == 0
+    # Each attempt says its size once (only rank 0 prints, and each node forwards only its own workers' lines).
+    sizes = [int(n) for n in re.findall(r"(\d+) worker\(s\), global batch 8 \(\d+ per worker\)", result.logs)]
+    assert sizes == [2, 1, 2], (f"expected 2 workers, then 1 after the loss, then 2 again once a node joined: "
+                                f"{sizes}\n{result.logs[-3000:]}")
+    # Resumed on the survivor from the newest checkpoint at the kill, then grown from the one the survivor wrote.
+    resumes = [r[2] for r in _resumes(result.logs)]
+    assert len(resumes) == 2 and resumes[1] == int(held[0]), (resumes, held)
+    assert resumes[0] >= at_kill and resumes[0] % INTERVAL == 0 and resumes[1] > resumes[0], (resumes, at_kill)
     final = json.loads(next(x for x in result.logs.splitlines() if x.startswith('{"final"')))["final"]
-    assert final["workers"] == 1 and final["global_batch"] == 8
+    assert final["workers"] == 2 and final["global_batch"] == 8
+    # Ray Train's default interval would grow it too, later: its controller (on the head, beside the driver)
+    # names the interval in every look it skips, and only this run of the module is elastic with 5 s.
+    controller = "".join(p.read_text() for p in sorted(
+        Path(cluster.info.temp_dir, "session_latest", "logs", "train").glob("ray-train-sys-controller-*.log")))
+    assert "ScalingConfig(elastic_resize_monitor_interval_s=5.00 seconds)" in controller, controller[-3000:]
 
     # The same run on one worker at the same global batch, never interrupted: the same losses.
     _same_losses(_metrics(out), _reference_losses(corpus, tmp_path / "reference", seed=3))
 
     # Resubmitting with another worker count: refused (one line, nothing written) unless the global batch stays,
-    # then the run continues exactly on that rule.
+    # then the run continues exactly on that rule. (--elastic-resize-seconds left out: a resume may change it.)
     base = [sys.executable, "-m", "job.train", "--corpus", corpus, "--output", out, "--config", config,
             "--run-name", "el", "--seed", "3", "--epochs", str(EPOCHS + 1), "--in-process", "--num-workers", "1"]
     refused = subprocess.run(base, capture_output=True, text=True, timeout=120)

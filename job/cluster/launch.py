@@ -29,7 +29,8 @@ def launch_ray(cfg: TrainConfig) -> dict[str, Any]:
         train_loop_config={**cfg.to_dict(), "_in_ray": True},
         scaling_config=ScalingConfig(
             num_workers=(cfg.min_workers, cfg.num_workers) if cfg.elastic else cfg.num_workers,
-            use_gpu=cfg.use_gpu, resources_per_worker=resources, placement_strategy=cfg.placement_strategy),
+            use_gpu=cfg.use_gpu, resources_per_worker=resources, placement_strategy=cfg.placement_strategy,
+            elastic_resize_monitor_interval_s=cfg.elastic_resize_seconds),
         run_config=RunConfig(
             name=cfg.run,
             storage_path=path,

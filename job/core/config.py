@@ -183,6 +183,9 @@ class TrainConfig:
     capacity_wait_minutes: float | None = setting(None, "Minutes to wait for the cluster to grow to fit the "
                                                   "workers (default: 15 where Ray's autoscaler v2 runs, else 0: a "
                                                   "cluster that cannot fit them is refused at once).", JOB)
+    elastic_resize_seconds: float = setting(60.0, "With --num-workers MIN-MAX: how often a run on fewer than MAX "
+                                            "workers looks for more nodes to grow onto (each growth restarts the "
+                                            "workers from the newest checkpoint).", JOB)
     run_name: str | None = setting(None, "Run name, one name of letters, digits, '-', '_', '.' (default: run): "
                                    "checkpoints go to <output>/checkpoints/<name>/; re-submitting the same name and "
                                    "--output resumes the run, with the same settings (an --output holds one run).",
@@ -255,6 +258,8 @@ def check_settings(cfg: TrainConfig) -> None:
            f"--num-workers MIN-MAX needs 1 <= MIN <= MAX (got {cfg.workers_text})")
     _check(cfg.capacity_wait_minutes is None or cfg.capacity_wait_minutes >= 0,
            f"--capacity-wait-minutes must be >= 0 (got {cfg.capacity_wait_minutes})")
+    _check(cfg.elastic_resize_seconds >= 1,
+           f"--elastic-resize-seconds must be >= 1 (got {cfg.elastic_resize_seconds:g})")
     _check(cfg.global_batch_size >= 0, f"--global-batch-size must be >= 0 (got {cfg.global_batch_size})")
     uneven = [n for n in cfg.worker_counts if cfg.global_batch % n]
     _check(not uneven, f"global batch {cfg.global_batch} cannot be split evenly over {uneven[0] if uneven else 0} "
