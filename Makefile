@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: venv
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=40 tests
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not e2e" tests
