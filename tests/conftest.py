@@ -19,6 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `infra` is not an installed package; tests import it from the repo
     sys.path.insert(0, str(REPO_ROOT))
 
+pytest.register_assert_rewrite("e2e_helpers")  # its shared checks (assert_same_losses) report like a test's own
 import e2e_helpers  # noqa: E402  (tests/ is on sys.path: pytest adds the conftest directory)
 import textgen  # noqa: E402
 

@@ -1,4 +1,6 @@
-"""Shared harness for the end-to-end tests: a local S3 (moto) and a Ray head, via infra/localstack.py.
+"""Shared harness for the end-to-end tests: a local S3 (moto) and a Ray head, via infra/localstack.py; and the
+in-process one-worker run that distributed or faulty runs are compared with (train_in_process, reference_metrics,
+assert_same_losses).
 
 The `s3_server` and `ray_cluster` fixtures in conftest.py wrap these context managers; `make demo` drives
 the same infra.localstack functions through its CLI, so the tests exercise what the demo runs.
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import pytest
 
 from infra import localstack
 
@@ -190,6 +193,46 @@ class Submission:
         return JobResult(job_id=self.job_id, returncode=None if timed_out else self.proc.returncode,
                          status=self.cluster.job_status(self.job_id), logs=self.cluster.job_logs(self.job_id),
                          output=output or "", timed_out=timed_out)
+
+
+def train_in_process(corpus: str, output: str | Path, *, preset: str = "default",
+                     env: dict[str, str] | None = None, **settings) -> dict:
+    """One worker in this process, as `job.train --in-process` runs it: the preset's settings with `settings` over
+    them, checked as job.train checks them. `env` is set for this run only (e.g. CHARLSTM_HOOKS). Returns
+    train_func's final metrics."""
+    from job.core.config import PRESETS, TrainConfig
+    from job.training.worker import train_func
+
+    cfg = TrainConfig(**{**PRESETS[preset], **settings, "preset": preset, "corpus": corpus, "output": str(output),
+                         "in_process": True}).validate()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
+        return train_func(cfg.to_dict())
+
+
+def read_metrics(folder: str | Path) -> list[dict]:
+    """The lines of a local run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def reference_metrics(corpus: str, output: Path, **settings) -> list[dict]:
+    """The reference a distributed or interrupted run is compared with: the same run, uninterrupted, on one worker
+    in this process (pass batch_size=<the other run's global batch>), written to the local folder `output`.
+    Returns its metrics.jsonl lines."""
+    train_in_process(corpus, output, **settings)
+    return read_metrics(output)
+
+
+def assert_same_losses(got: list[dict], want: list[dict], rel: float = 1e-4) -> None:
+    """Line for line: the same metrics lines (kind, epoch, global step) with the same train and val losses."""
+    def where(lines: list[dict]) -> list[tuple]:
+        return [(m.get("kind", "epoch"), m["epoch"], m["global_step"]) for m in lines]
+
+    assert where(got) == where(want), (where(got), where(want))
+    for a, b in zip(got, want, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=rel), (a, b)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=rel), (a, b)
 
 
 def processes_using(directory: str) -> list[psutil.Process]:

@@ -11,10 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import textgen
+from e2e_helpers import train_in_process
 from tiny import TINY
-
-from job.core.config import PRESETS, TrainConfig
-from job.training.worker import train_func
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {**TINY, "units": [24], "sample_chars": 10, "epochs": 1, "steps_per_call": 4}
@@ -27,11 +25,8 @@ def models(tmp_path_factory) -> dict[str, str]:
     corpus.write_text(textgen.book(4000))
     out = {}
     for preset in ("default", "seed-small"):
-        settings = {**PRESETS[preset], **TINY, "preset": preset, "corpus": str(corpus),
-                    "output": str(root / preset), "in_process": True}
-        if preset == "seed-small":
-            settings["batch_size"] = 32
-        train_func(TrainConfig(**settings).validate().to_dict())
+        batch = {"batch_size": 32} if preset == "seed-small" else {}
+        train_in_process(str(corpus), root / preset, preset=preset, **{**TINY, **batch})
         out[preset] = str(root / preset)
     return out
 

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 import textgen
+from e2e_helpers import train_in_process
 from tiny import TINY
-
-from job.core.config import PRESETS, TrainConfig
-from job.training.worker import train_func
 
 pytestmark = pytest.mark.e2e
 
@@ -30,9 +28,7 @@ def s3_model(s3_server, tmp_path_factory) -> str:
     corpus = tmp_path_factory.mktemp("c") / "corpus.txt"
     corpus.write_text(textgen.book(4000))
     out = s3_server.url("gen-model")
-    settings = {**PRESETS["default"], **TINY, "preset": "default", "corpus": str(corpus), "output": out,
-                "in_process": True}
-    train_func(TrainConfig(**settings).validate().to_dict())
+    train_in_process(str(corpus), out, **TINY)
     return out
 
 

@@ -24,11 +24,10 @@ import numpy as np
 import pytest
 import textgen
 import yaml
+from e2e_helpers import assert_same_losses, read_metrics, train_in_process
 from faulty_proxy import FaultyProxy
 from logcheck import assert_no_traceback_from_our_code
 from tiny import EXACT
-
-from job.core.config import PRESETS, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = EXACT
@@ -61,8 +60,6 @@ class Runs:
 @pytest.fixture(scope="module")
 def flaky(s3_server, ray_cluster, tmp_path_factory):
     """The flaky-store runs (and their fault-free references), done once for the tests of this module."""
-    from job.training.worker import train_func
-
     tmp = tmp_path_factory.mktemp("flaky")
     base = f"flaky-{uuid.uuid4().hex[:8]}"
     client = s3_server.client()
@@ -90,9 +87,7 @@ def flaky(s3_server, ray_cluster, tmp_path_factory):
     # Fault-free references, reading straight from the S3 server and writing locally: the same training
     # in-process (one worker, same global batch), and the same generation from the model the flaky run exported.
     reference_train = tmp / "reference-train"
-    settings = {**PRESETS["default"], **TINY, "preset": "default", "corpus": corpus, "output": str(reference_train),
-                "epochs": 2, "seed": 5, "run_name": "flaky", "checkpoint_every_steps": 20, "in_process": True}
-    train_func(TrainConfig(**settings).validate().to_dict())
+    train_in_process(corpus, reference_train, **TINY, epochs=2, seed=5, run_name="flaky", checkpoint_every_steps=20)
     reference_gen = tmp / "reference-gen"
     from job import generate
 
@@ -184,12 +179,8 @@ def test_training_through_flaky_store_matches_fault_free_run(flaky, s3_server):
     assert len(events) == 1, events
     assert_no_traceback_from_our_code(flaky.train_logs)  # job logs + `ray job submit` output: Ray's too
     lines = [json.loads(x) for x in s3_server.get_bytes(f"{_key(flaky.train_out)}/metrics.jsonl").splitlines()]
-    reference = [json.loads(x) for x in (flaky.reference_train / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
-    for got, want in zip(lines, reference, strict=True):
-        assert got["global_step"] == want["global_step"]
-        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)
-        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    assert_same_losses(lines, read_metrics(flaky.reference_train), rel=1e-5)
     from job.model import export
 
     got, want = export.load(flaky.train_out), export.load(str(flaky.reference_train))
