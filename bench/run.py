@@ -145,7 +145,7 @@ def run_training(preset: str, corpus: str, seconds: float, workdir: Path) -> dic
 
 def run_generation(args, vocab_size: int, corpus: str, workdir: Path) -> dict[str, Any]:
     from bench import gen_bench, gen_job
-    from job.generate import CPU_BATCH
+    from job.generation.settings import CPU_BATCH
 
     print(f"\n== generation: tutorial loop ({args.tutorial_chars} chars)", flush=True)
     tut = gen_bench.tutorial_loop(vocab_size, args.tutorial_chars)
@@ -374,7 +374,7 @@ def _generation_markdown(gen: dict[str, Any]) -> list[str]:
                   f"{'x'.join(map(str, ours['units']))} (`--gen-units`).", ""]
     if "job" in gen:
         from bench import gen_job
-        from job.generate import CPU_BATCH
+        from job.generation.settings import CPU_BATCH
 
         kernel = [r for r in ours["rows"] if r["batch"] == CPU_BATCH] + gen.get("plain", {}).get("rows", [])
         lines += gen_job.markdown(gen["job"], kernel)

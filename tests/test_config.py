@@ -201,7 +201,7 @@ def test_every_setting_is_a_flag_generated_from_the_schema():
 def test_generation_flags_come_from_its_schema_too(capsys):
     from dataclasses import fields
 
-    from job.generate import GenerateConfig, load_generate_config, parser
+    from job.generation.settings import GenerateConfig, load_generate_config, parser
 
     assert {f.name for f in fields(GenerateConfig)} <= {a.dest for a in parser()._actions}
     cfg = load_generate_config(["--model", "m", "--output", "o", "--no-xla", "--print", "--top-k", "5"])

@@ -763,11 +763,11 @@ def test_train_entrypoint_flags_are_accepted_by_the_cli(rendered):
 
 def test_generate_entrypoint_flags_are_accepted_by_the_cli(rendered):
     args = _entrypoint_args(rendered, "generate")
-    import job.generate
+    import job.generation.settings
     from job.core.errors import UserError
 
     try:
-        cfg = job.generate.load_generate_config(args)
+        cfg = job.generation.settings.load_generate_config(args)
     except SystemExit:
         pytest.fail(f"python -m job.generate rejects the RayJob's flags: {args}")
     except UserError as exc:

@@ -1,7 +1,7 @@
-"""The package's layers (docs/development.md): job.core < job.data < job.model < job.training < job.cluster < the
-command modules (job/train.py, prepare.py, evaluate.py, generate.py, cli.py). A module imports only from its own
-sub-package or a lower one, whether at its top or inside a function, so dependencies flow one way and no two
-sub-packages import each other; and the driver's commands start without TensorFlow or Ray."""
+"""The package's layers (docs/development.md): job.core < job.data < job.model < job.training < job.cluster <
+job.generation < the command modules (job/train.py, prepare.py, evaluate.py, generate.py, cli.py). A module imports
+only from its own sub-package or a lower one, whether at its top or inside a function, so dependencies flow one way
+and no two sub-packages import each other; and the driver's commands start without TensorFlow or Ray."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = ("job.core", "job.data", "job.model", "job.training", "job.cluster")
+LAYERS = ("job.core", "job.data", "job.model", "job.training", "job.cluster", "job.generation")
 
 
 def _module_name(path: Path) -> str:
