@@ -48,6 +48,26 @@ def corpus_file(tmp_path):
     return write
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> dict[str, Path]:
+    """A corpus, the tiny settings (tests/tiny.py) and one finished 2-epoch run of them (two checkpoints, an exported
+    model), trained once per session through the CLI (`job.train --in-process`). Read-only: a test that changes a
+    run copies it first."""
+    import yaml
+    from logcheck import run
+    from tiny import TINY
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    corpus, config = tmp / "corpus.txt", tmp / "tiny.yaml"
+    corpus.write_text(textgen.book(5000, seed=4))
+    config.write_text(yaml.safe_dump(TINY))
+    out = tmp / "run"
+    proc = run("job.train", "--in-process", "--corpus", str(corpus), "--output", str(out), "--config", str(config),
+               "--epochs", "2", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"tmp": tmp, "corpus": corpus, "config": config, "out": out}
+
+
 @pytest.fixture
 def ray_tmp():
     """A private temp dir for a Ray the test's command starts itself (RAY_TMPDIR): its processes all name it,

@@ -59,18 +59,12 @@ def test_carried_rows_keep_old_rows_and_start_new_ones_at_the_mean():
 
 
 @pytest.fixture(scope="module")
-def parent(tmp_path_factory) -> dict[str, Path]:
+def parent(tiny_run, tmp_path_factory) -> dict[str, Path]:
+    """The parent: the session's finished tiny run; and other prose, with characters it never saw."""
     tmp = tmp_path_factory.mktemp("finetune")
-    corpus, config = tmp / "parent.txt", tmp / "tiny.yaml"
-    corpus.write_text(textgen.book(5000, seed=4))
-    config.write_text(yaml.safe_dump(TINY))
-    out = tmp / "parent"
-    proc = run("job.train", "--in-process", "--corpus", str(corpus), "--output", str(out), "--config", str(config),
-               "--epochs", "2", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    new_text = tmp / "new.txt"  # other prose, with characters the parent never saw
+    new_text = tmp / "new.txt"
     new_text.write_text(textgen.book(5000, seed=9).replace("e", "é").replace("y", "ÿ"))
-    return {"tmp": tmp, "corpus": corpus, "config": config, "out": out, "new": new_text}
+    return {**tiny_run, "tmp": tmp, "new": new_text}
 
 
 def fine_tune(parent: dict[str, Path], out: Path, *args: str, init: str | None = None, env: dict | None = None):

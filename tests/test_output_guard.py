@@ -30,16 +30,9 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> dict[str, Path]:
-    """A corpus, the tiny settings, and one finished 2-epoch run (two checkpoints) to guard."""
-    tmp = tmp_path_factory.mktemp("guard")
-    corpus, config = tmp / "corpus.txt", tmp / "tiny.yaml"
-    corpus.write_text(textgen.book(5000, seed=4))
-    config.write_text(yaml.safe_dump(TINY))
-    out = tmp / "A"
-    proc = train(corpus, out, config, "--epochs", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"tmp": tmp, "corpus": corpus, "config": config, "out": out}
+def base(tiny_run, tmp_path_factory) -> dict[str, Path]:
+    """A corpus, the tiny settings, and one finished 2-epoch run (two checkpoints) to guard; copies go to tmp."""
+    return {**tiny_run, "tmp": tmp_path_factory.mktemp("guard")}
 
 
 def train(corpus: Path, out: Path | str, config: Path, *args: str,
