@@ -258,6 +258,7 @@ class Trainer:
 
     @property
     def model(self):
+        """The Keras model (what hooks such as tests/train_hooks.py read)."""
         return self.net.model
 
     # ---------------------------------------------------------------- the loop
