@@ -44,8 +44,9 @@ class Outputs:
         self.sampler = None
         self.plotted = -math.inf
 
-    def write(self, progress: Any, metrics: dict[str, Any], improved: bool, exported: dict[str, Any]) -> None:
-        """After an evaluation (`metrics`, the last line of progress.history); the model if `improved`."""
+    def write(self, progress: Any, metrics: dict[str, Any], exported: dict[str, Any] | None) -> None:
+        """After an evaluation (`metrics`, the last line of progress.history); the model with `exported` (its
+        export_config) when it is the best so far, else None."""
         cfg, out = self.cfg, self.cfg.output
         self.board.scalars(progress.global_step, {"heldout/loss_nats": metrics["val_loss"],
                                                   "heldout/bits_per_char": metrics["val_bpc"]})
@@ -59,7 +60,7 @@ class Outputs:
         name = f"epoch-{metrics['epoch']:03d}" if metrics["kind"] == "epoch" else f"step-{progress.global_step:09d}"
         report.write_sample(out, name, prompt, sample)
         self.board.text(progress.global_step, "sample", f"{prompt}\n---\n{sample}")
-        if improved:
+        if exported is not None:
             export.save(self.model, self.vocab, exported, storage.join(out, "model"))
 
     def _sample_text(self, epoch: int) -> str:

@@ -88,6 +88,7 @@ class WorkerData:
     heldout: data.HeldOut  # the windows scored per evaluation
     heldout_chars: int  # held-out chars in all
     plan: Callable  # (train chars, seq_len, global batch, epoch, seed) -> the epoch's window starts
+    steps_per_epoch: int  # of epoch 0 (epoch plans differ by at most a step)
     sample_prompt: np.ndarray  # the last seq_len training chars: the prompt of each evaluation's sample
 
     @classmethod
@@ -95,10 +96,10 @@ class WorkerData:
         ds = prepare.open_local(cfg.data_url)
         full = data.heldout(ds.val, ds.val_segments, cfg.target, cfg.seq_len)
         plan = data.stream_plan if cfg.stateful else data.sliding_plan
-        plan(len(ds.train), cfg.seq_len, cfg.global_batch, 0, cfg.seed)  # fails early if too short
+        steps = len(plan(len(ds.train), cfg.seq_len, cfg.global_batch, 0, cfg.seed))  # fails early if too short
         return cls(ds.meta, ds.vocab, ds.train, full.subset(cfg.val_max_chars if cfg.target == "all"
                                                             else cfg.val_max_windows),
-                   full.chars, plan, np.asarray(ds.train[-cfg.seq_len:], dtype=np.int32))
+                   full.chars, plan, steps, np.asarray(ds.train[-cfg.seq_len:], dtype=np.int32))
 
     def epoch_plan(self, cfg: TrainConfig, epoch: int) -> np.ndarray:
         return self.plan(len(self.train_ids), cfg.seq_len, cfg.global_batch, epoch, cfg.seed)
@@ -232,9 +233,8 @@ class Trainer:
         self.parent = start_from_parent(cfg, session, self.net, self.data.vocab, resumed=bool(resumed))
         p = self.progress
         self.net.check_same_step(p.global_step, self.world)
-        # The run's planned length, for annealing by steps (epoch plans differ by at most a step: fixed here so
-        # the schedule never jumps).
-        self.planned_steps = cfg.epochs * len(self.data.epoch_plan(cfg, 0))
+        # The run's planned length, for annealing by steps: fixed here so the schedule never jumps.
+        self.planned_steps = cfg.epochs * self.data.steps_per_epoch
         self.over_budget = False  # this worker's clock passed the budget (the others learn it with the next call)
         self.draining = False  # every worker has learnt that a node of this run is being drained (preemption)
         self.agreed_elapsed = p.elapsed_sec  # the workers' mean clock, as of the last all-reduce
@@ -361,8 +361,9 @@ class Trainer:
                 p.end_epoch()
             if self.rank == 0:
                 self.session.log(report.epoch_line(metrics))
-                exported = export_config(cfg, p, self.data.meta["corpus_sha256"], self.world, self.parent)
-                self.outputs.write(p, metrics, improved, exported)
+                exported = export_config(cfg, p, self.data.meta["corpus_sha256"], self.world, self.parent) \
+                    if improved else None
+                self.outputs.write(p, metrics, exported)
         self._save(metrics)
 
     def _track_best(self, score: float, number: int, complete: bool) -> bool:
